@@ -1,0 +1,146 @@
+"""Task heads on `BertModel`, named 1:1 like transformers' `BertFor*` classes.
+
+The MLM decoder is tied to the word embeddings without sharing a submodule (NNX tree mode stays valid): the
+head receives the embedding matrix as an argument. Logits come out in float32.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from bertjax.models.bert import BertConfig, BertModel, activation, dense, layer_norm
+
+
+class BertPredictionHeadTransform(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+    self.dense = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs)
+    self.hidden_act = cfg.hidden_act
+    self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
+
+  def __call__(self, x):
+    return self.LayerNorm(activation(self.hidden_act)(self.dense(x)))
+
+
+class BertLMPredictionHead(nnx.Module):
+  """dense + GELU + LayerNorm, then the tied decoder (word embeddings transposed) plus an output bias."""
+
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+    self.transform = BertPredictionHeadTransform(cfg, rngs)
+    init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("vocab",), eager_sharding=False)
+    self.bias = nnx.Param(init(rngs.params(), (cfg.vocab_size,), jnp.float32))
+
+  def __call__(self, x, word_embeddings):
+    h = self.transform(x)
+    logits = jnp.einsum("...d,vd->...v", h, word_embeddings.astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits + self.bias[...]
+
+
+class BertOnlyMLMHead(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+    self.predictions = BertLMPredictionHead(cfg, rngs)
+
+
+class BertPreTrainingHeads(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+    self.predictions = BertLMPredictionHead(cfg, rngs)
+    self.seq_relationship = dense(cfg, cfg.hidden_size, 2, ("embed", None), rngs)
+
+
+def gather_positions(x, positions):
+  """x[b, positions[b, p]] for x [B, T, D], positions [B, P] -> [B, P, D]."""
+  return jnp.take_along_axis(x, positions[..., None].astype(jnp.int32), axis=1)
+
+
+class BertForPreTraining(nnx.Module):
+  """MLM + NSP. With `masked_positions` [B, P] the MLM head runs only at those positions."""
+
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+    self.bert = BertModel(cfg, rngs)
+    self.cls = BertPreTrainingHeads(cfg, rngs)
+
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, masked_positions=None, *,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    seq, pooled = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic, rngs=rngs)
+    if masked_positions is not None:
+      seq = gather_positions(seq, masked_positions)
+    emb = self.bert.embeddings.word_embeddings.embedding[...]
+    mlm_logits = self.cls.predictions(seq, emb)
+    nsp_logits = self.cls.seq_relationship(pooled).astype(jnp.float32)
+    return mlm_logits, nsp_logits
+
+
+class BertForMaskedLM(nnx.Module):
+  """MLM only (no pooler, no NSP), like transformers' `BertForMaskedLM`."""
+
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+    self.bert = BertModel(cfg, rngs, add_pooling_layer=False)
+    self.cls = BertOnlyMLMHead(cfg, rngs)
+
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, masked_positions=None, *,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    seq, _ = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic, rngs=rngs)
+    if masked_positions is not None:
+      seq = gather_positions(seq, masked_positions)
+    return self.cls.predictions(seq, self.bert.embeddings.word_embeddings.embedding[...])
+
+
+class BertForSequenceClassification(nnx.Module):
+  """Pooler -> dropout -> linear. `num_labels == 1` is regression (STS-B)."""
+
+  def __init__(self, cfg: BertConfig, num_labels: int, rngs: nnx.Rngs, classifier_dropout: float | None = None):
+    self.num_labels = num_labels
+    self.bert = BertModel(cfg, rngs)
+    rate = cfg.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+    self.dropout = nnx.Dropout(rate)
+    self.classifier = dense(cfg, cfg.hidden_size, num_labels, ("embed", None), rngs)
+
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None):
+    _, pooled = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic, rngs=rngs)
+    pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs)
+    return self.classifier(pooled).astype(jnp.float32)
+
+
+class BertForTokenClassification(nnx.Module):
+  """Per-token linear classifier on the last hidden state (no pooler)."""
+
+  def __init__(self, cfg: BertConfig, num_labels: int, rngs: nnx.Rngs, classifier_dropout: float | None = None):
+    self.num_labels = num_labels
+    self.bert = BertModel(cfg, rngs, add_pooling_layer=False)
+    rate = cfg.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+    self.dropout = nnx.Dropout(rate)
+    self.classifier = dense(cfg, cfg.hidden_size, num_labels, ("embed", None), rngs)
+
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None):
+    seq, _ = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic, rngs=rngs)
+    seq = self.dropout(seq, deterministic=deterministic, rngs=rngs)
+    return self.classifier(seq).astype(jnp.float32)
+
+
+class BertForQuestionAnswering(nnx.Module):
+  """Span extraction: start and end logits [B, T] from one linear layer (no pooler)."""
+
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+    self.bert = BertModel(cfg, rngs, add_pooling_layer=False)
+    self.qa_outputs = dense(cfg, cfg.hidden_size, 2, ("embed", None), rngs)
+
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None):
+    seq, _ = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic, rngs=rngs)
+    logits = self.qa_outputs(seq).astype(jnp.float32)
+    return logits[..., 0], logits[..., 1]
+
+
+HEADS = {
+    "pretraining": BertForPreTraining,
+    "masked_lm": BertForMaskedLM,
+    "sequence_classification": BertForSequenceClassification,
+    "token_classification": BertForTokenClassification,
+    "question_answering": BertForQuestionAnswering,
+}
