@@ -1,0 +1,67 @@
+"""Config fields shared by every task; each `configs/<task>.py` starts from `base_config()`."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.task = ""
+  config.seed = 42
+  config.init_checkpoint = ""  # a bertjax workdir or step folder to start from
+  config.init_from_hf = ""  # an HF folder or hub name to start from
+
+  m = config.model = ml_collections.ConfigDict()
+  m.preset = "base"  # tiny | mini | small | medium | base | large ('' = give every field)
+  for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+    m[name] = config_dict.placeholder(int)  # override the preset's value
+  m.max_position_embeddings = 512
+  m.type_vocab_size = 2
+  m.hidden_act = "gelu"
+  m.hidden_dropout_prob = 0.1
+  m.attention_probs_dropout_prob = 0.1
+  m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+  d = config.data = ml_collections.ConfigDict()
+  d.cache_dir = ""  # default: $BERTJAX_CACHE or ~/.cache/bertjax
+  d.num_proc = 2  # tokenization workers (datasets.map)
+  d.prefetch = 2  # batches kept ready on device
+  d.max_seq_length = 128
+
+  t = config.training = ml_collections.ConfigDict()
+  t.global_batch_size = 32
+  t.eval_batch_size = 64
+  t.grad_accum_steps = 1
+  t.num_train_steps = 1000
+  t.log_every_steps = 50
+  t.eval_every_steps = 500
+  t.checkpoint_every_steps = 500
+  t.keep_checkpoints = 3
+  t.async_checkpointing = True
+  t.freeze = []  # regexes over parameter paths, e.g. ["^bert/embeddings/", "^bert/encoder/layer/[0-3]/"]
+
+  o = config.optimizer = ml_collections.ConfigDict()
+  o.name = "adamw"  # adamw | lamb
+  o.learning_rate = 1e-4
+  o.schedule = "linear"  # linear | polynomial | constant (after warmup)
+  o.warmup_steps = 0
+  o.warmup_fraction = 0.0  # if > 0, overrides warmup_steps as a fraction of num_train_steps
+  o.end_learning_rate = 0.0
+  o.power = 1.0
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-6
+  o.weight_decay = 0.01
+  o.max_grad_norm = 1.0
+
+  mesh = config.mesh = ml_collections.ConfigDict()
+  mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  mesh.logical_axis_rules = [
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("norm", None),
+  ]
+  return config

@@ -1,0 +1,239 @@
+"""Pretraining examples as in the original BERT: documents -> sentence pairs (NSP) -> dynamic masking.
+
+1. `tokenize_documents`: split each document into sentences and WordPiece them with a fingerprinted, cached
+   `datasets.map` (`num_proc` workers), keeping word starts from the fast tokenizer's word ids.
+2. `create_pairs`: Google's `create_instances_from_document`: pack sentences up to a target length
+   (`short_seq_prob` of the time a shorter one), split into A/B at a sentence boundary, and with probability
+   `nsp_probability` replace B by a span of another document (NSP label 1) - putting the unused sentences back.
+   The result is a dict of fixed-shape numpy arrays, cached on disk by content fingerprint.
+3. `Masker`: a per-batch numpy transform (no Python work per token): `mask_prob` of the non-special tokens,
+   at most `max_predictions`, whole words optionally; of those 80% -> [MASK], 10% -> random, 10% kept.
+   The MLM head later runs only at the returned `masked_positions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+
+import datasets
+import numpy as np
+from tokenizers import Tokenizer
+
+from bertjax.errors import UserError
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def split_sentences(text: str) -> list[str]:
+  """Lines (paragraphs) split further at sentence ends; empty pieces dropped."""
+  out = []
+  for line in text.splitlines():
+    line = line.strip()
+    if line:
+      out.extend(s.strip() for s in _SENTENCE_END.split(line) if s.strip())
+  return out
+
+
+def tokenize_documents(docs: datasets.Dataset, tok: Tokenizer, tok_fingerprint: str,
+                       num_proc: int | None = None) -> datasets.Dataset:
+  """-> Dataset with `ids` and `word_starts`: per document, per sentence, WordPiece ids / word-start flags."""
+
+  def encode(batch):
+    ids, starts = [], []
+    for text in batch["text"]:
+      sents = split_sentences(text)
+      encs = tok.encode_batch(sents, add_special_tokens=False) if sents else []
+      encs = [e for e in encs if e.ids]
+      ids.append([e.ids for e in encs])
+      starts.append([[int(w is None or i == 0 or w != e.word_ids[i - 1]) for i, w in enumerate(e.word_ids)]
+                     for e in encs])
+    return {"ids": ids, "word_starts": starts}
+
+  fp = hashlib.sha256(f"{docs._fingerprint}/{tok_fingerprint}/v1".encode()).hexdigest()[:16]
+  return docs.map(encode, batched=True, batch_size=64, num_proc=num_proc, remove_columns=docs.column_names,
+                  new_fingerprint=fp, desc="tokenizing")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig:
+  max_seq_length: int = 128
+  short_seq_prob: float = 0.1
+  nsp_probability: float = 0.5
+  seed: int = 12345
+
+
+def _truncate_pair(a: list, b: list, max_tokens: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """Google's truncate_seq_pair on index ranges: trim the longer side, from front or back at random.
+
+  a/b are [start, end) token offsets into the concatenated sentences; returns the new ranges.
+  """
+  a0, a1 = a
+  b0, b1 = b
+  while (a1 - a0) + (b1 - b0) > max_tokens:
+    if (a1 - a0) > (b1 - b0):
+      if rng.random() < 0.5:
+        a0 += 1
+      else:
+        a1 -= 1
+    else:
+      if rng.random() < 0.5:
+        b0 += 1
+      else:
+        b1 -= 1
+  return a0, a1, b0, b1
+
+
+def create_pairs(tokenized: datasets.Dataset, cls_id: int, sep_id: int, cfg: PairConfig,
+                 cache_dir: str | None = None) -> dict[str, np.ndarray]:
+  """Sentence pairs for MLM + NSP as fixed-shape arrays, cached under `cache_dir` by fingerprint.
+
+  Returns input_ids/token_type_ids [N, L] (int32, padded with 0), word_starts [N, L] (bool), nsp_labels [N]
+  (1 = B is a random span), lengths [N], and provenance (doc and sentence ranges of A and B) for tests.
+  """
+  key = hashlib.sha256(f"{tokenized._fingerprint}/{dataclasses.asdict(cfg)}/{cls_id}/{sep_id}/v1".encode())
+  path = os.path.join(cache_dir, "pairs", key.hexdigest()[:16] + ".npz") if cache_dir else None
+  if path and os.path.exists(path):
+    with np.load(path) as z:
+      return dict(z)
+  out = _create_pairs(tokenized["ids"], tokenized["word_starts"], cls_id, sep_id, cfg)
+  if path:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
+  return out
+
+
+def _create_pairs(doc_ids: list, doc_starts: list, cls_id: int, sep_id: int, cfg: PairConfig) -> dict:
+  rng = np.random.default_rng(cfg.seed)
+  L = cfg.max_seq_length
+  max_tokens = L - 3
+  # Per document: concatenated tokens, word starts and sentence offsets.
+  docs = []
+  for sents, starts in zip(doc_ids, doc_starts):
+    if not sents:
+      continue
+    offs = np.cumsum([0] + [len(s) for s in sents])
+    docs.append((np.concatenate([np.asarray(s, np.int32) for s in sents]),
+                 np.concatenate([np.asarray(s, bool) for s in starts]), offs))
+  if len(docs) < 2:
+    raise UserError(f"the corpus has {len(docs)} non-empty document(s); NSP needs at least 2")
+  rows = []  # (doc_a, a_tok_range, doc_b, b_tok_range, label, a_sent_range, b_sent_range)
+  for d, (_, _, offs) in enumerate(docs):
+    n_sent = len(offs) - 1
+    target = max_tokens if rng.random() >= cfg.short_seq_prob else int(rng.integers(2, max_tokens + 1))
+    chunk_start, i = 0, 0
+    while i < n_sent:
+      length = offs[i + 1] - offs[chunk_start]
+      if i == n_sent - 1 or length >= target:
+        n_chunk = i + 1 - chunk_start
+        a_end = chunk_start + (1 if n_chunk < 2 else int(rng.integers(1, n_chunk)))
+        a = (offs[chunk_start], offs[a_end])
+        if n_chunk == 1 or rng.random() < cfg.nsp_probability:
+          label, target_b = 1, max(1, target - (a[1] - a[0]))
+          other = d
+          for _ in range(10):
+            other = int(rng.integers(len(docs)))
+            if other != d:
+              break
+          if other == d:
+            other = (d + 1) % len(docs)
+          o_offs = docs[other][2]
+          s0 = int(rng.integers(len(o_offs) - 1))
+          s1 = s0 + 1
+          while s1 < len(o_offs) - 1 and o_offs[s1] - o_offs[s0] < target_b:
+            s1 += 1
+          b, b_doc, b_sents = (o_offs[s0], o_offs[s1]), other, (s0, s1)
+          i -= (chunk_start + n_chunk) - a_end  # put the unused sentences back
+        else:
+          label, b, b_doc, b_sents = 0, (offs[a_end], offs[i + 1]), d, (a_end, i + 1)
+        a0, a1, b0, b1 = _truncate_pair(list(a), list(b), max_tokens, rng)
+        if a1 > a0 and b1 > b0:
+          rows.append((d, a0, a1, b_doc, b0, b1, label, chunk_start, a_end, *b_sents))
+        chunk_start = i + 1
+        target = max_tokens if rng.random() >= cfg.short_seq_prob else int(rng.integers(2, max_tokens + 1))
+      i += 1
+  n = len(rows)
+  ids = np.zeros((n, L), np.int32)
+  types = np.zeros((n, L), np.int32)
+  starts = np.zeros((n, L), bool)
+  meta = np.zeros((n, 11), np.int32)
+  for r, (d, a0, a1, bd, b0, b1, label, *sent) in enumerate(rows):
+    ta, sa = docs[d][0][a0:a1], docs[d][1][a0:a1]
+    tb, sb = docs[bd][0][b0:b1], docs[bd][1][b0:b1]
+    la, lb = len(ta), len(tb)
+    ids[r, 0], ids[r, 1:1 + la], ids[r, 1 + la] = cls_id, ta, sep_id
+    ids[r, 2 + la:2 + la + lb], ids[r, 2 + la + lb] = tb, sep_id
+    types[r, 2 + la:3 + la + lb] = 1
+    starts[r, 0], starts[r, 1:1 + la], starts[r, 1 + la] = True, sa, True
+    starts[r, 2 + la:2 + la + lb], starts[r, 2 + la + lb] = sb, True
+    starts[r, 1], starts[r, 2 + la] = True, True  # a truncated front still starts a (partial) word
+    meta[r] = (d, a0, a1, bd, b0, b1, label, *sent)
+  return {"input_ids": ids, "token_type_ids": types, "word_starts": starts, "nsp_labels": meta[:, 6].copy(),
+          "lengths": (ids != 0).sum(1).astype(np.int32), "provenance": meta}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskConfig:
+  mask_prob: float = 0.15
+  max_predictions: int = 20
+  mask_token_frac: float = 0.8
+  random_token_frac: float = 0.1
+  whole_word: bool = False
+
+
+class Masker:
+  """Dynamic MLM masking of a batch of pairs, vectorised in numpy; deterministic given the generator."""
+
+  def __init__(self, cfg: MaskConfig, vocab_size: int, special_ids: list[int], mask_id: int, pad_id: int = 0):
+    if not 0.0 < cfg.mask_prob < 1.0:
+      raise UserError(f"data.mask_prob={cfg.mask_prob} must be in (0, 1)")
+    if cfg.mask_token_frac + cfg.random_token_frac > 1.0 or min(cfg.mask_token_frac, cfg.random_token_frac) < 0:
+      raise UserError("data.mask_token_frac + data.random_token_frac must be within [0, 1]")
+    self.cfg = cfg
+    self.special = np.zeros(vocab_size, bool)
+    self.special[special_ids] = True
+    self.replacements = np.flatnonzero(~self.special).astype(np.int32)
+    self.mask_id, self.pad_id = mask_id, pad_id
+
+  def __call__(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    ids = batch["input_ids"]
+    B, L = ids.shape
+    P = self.cfg.max_predictions
+    cand = ~self.special[ids]
+    n_cand = cand.sum(1)
+    budget = np.minimum(P, np.maximum(1, np.round(n_cand * self.cfg.mask_prob))).astype(np.int64)
+    if self.cfg.whole_word:
+      word = np.cumsum(batch["word_starts"] | ~cand, axis=1) - 1
+    else:
+      word = np.broadcast_to(np.arange(L), (B, L))
+    flat = (np.arange(B)[:, None] * L + word).ravel()
+    word_len = np.bincount(flat, weights=cand.ravel(), minlength=B * L).reshape(B, L)
+    keys = np.where(word_len > 0, rng.random((B, L)), 2.0)
+    order = np.argsort(keys, axis=1)
+    sorted_len = np.take_along_axis(word_len, order, axis=1)
+    chosen_sorted = (np.cumsum(sorted_len, axis=1) <= budget[:, None]) & (sorted_len > 0)
+    chosen_word = np.zeros((B, L), bool)
+    np.put_along_axis(chosen_word, order, chosen_sorted, axis=1)
+    masked = np.take_along_axis(chosen_word, word, axis=1) & cand
+
+    u = rng.random((B, L))
+    to_mask = masked & (u < self.cfg.mask_token_frac)
+    to_random = masked & ~to_mask & (u < self.cfg.mask_token_frac + self.cfg.random_token_frac)
+    new_ids = np.where(to_mask, self.mask_id, ids)
+    rand = self.replacements[rng.integers(len(self.replacements), size=(B, L))]
+    new_ids = np.where(to_random, rand, new_ids).astype(np.int32)
+
+    positions = np.argsort(~masked, axis=1, kind="stable")[:, :P].astype(np.int32)
+    weights = np.take_along_axis(masked, positions, axis=1)
+    labels = np.where(weights, np.take_along_axis(ids, positions, axis=1), 0).astype(np.int32)
+    example_w = batch.get("example_weights", np.ones((B,), np.float32))  # 0 for eval padding rows
+    return {"input_ids": new_ids, "token_type_ids": batch["token_type_ids"].astype(np.int32),
+            "attention_mask": (ids != self.pad_id).astype(np.int32),
+            "masked_positions": np.where(weights, positions, 0).astype(np.int32), "masked_labels": labels,
+            "masked_weights": weights.astype(np.float32) * example_w[:, None],
+            "nsp_labels": batch["nsp_labels"].astype(np.int32), "nsp_weights": example_w.astype(np.float32)}
+

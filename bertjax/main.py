@@ -1,0 +1,62 @@
+"""Entry point: `python -m bertjax.main --config=configs/mlm.py [--workdir=DIR] [--config.x.y=value ...]`."""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bertjax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py) with get_config().", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and outputs; default workdirs/<config name>.")
+flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: when launched multi-host).")
+
+
+def _multihost_env() -> bool:
+  """True when a launcher describes several processes (TPU pod slices, SLURM, explicit coordinator)."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keep orbax's per-save INFO chatter out of the progress log (warnings and errors still show)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax
+  if FLAGS.distributed or (FLAGS.distributed is None and _multihost_env()):
+    jax.distributed.initialize()
+  config = FLAGS.config
+  if config is None:
+    raise UserError("--config is required, e.g. --config=configs/mlm.py")
+  name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename or "run"))[0]
+  workdir = FLAGS.workdir or os.path.join("workdirs", name)
+  logging.info("JAX %s on %d devices (%s), process %d/%d; workdir %s", jax.__version__, jax.device_count(),
+               jax.devices()[0].platform, jax.process_index(), jax.process_count(), os.path.abspath(workdir))
+  from bertjax.train.trainer import train_and_evaluate
+  train_and_evaluate(config, workdir)
+
+
+def run():
+  try:
+    app.run(main)
+  except UserError as e:
+    print(f"bertjax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

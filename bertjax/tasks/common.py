@@ -1,0 +1,77 @@
+"""Helpers shared by tasks: the model config from `config.model` (or a pretrained checkpoint), checks."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from bertjax.errors import UserError
+from bertjax.models.bert import BertConfig
+
+_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps",
+                "initializer_range")
+_RUN_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dtype")
+
+
+def check_seq_length(config: ConfigDict) -> None:
+  """Fail fast when max_seq_length exceeds the position table the config asks for."""
+  mpe = config.model.get("max_position_embeddings")
+  if mpe and config.data.max_seq_length > mpe:
+    raise UserError(f"data.max_seq_length={config.data.max_seq_length} exceeds the model's position table "
+                    f"(model.max_position_embeddings={mpe}); lower max_seq_length or raise the table")
+  if config.data.max_seq_length < 8:
+    raise UserError(f"data.max_seq_length={config.data.max_seq_length} is too short; use at least 8")
+
+
+def model_config(config: ConfigDict, vocab_size: int, tokenizer: Any = None) -> BertConfig:
+  """BertConfig from a pretrained source (`init_from_hf` / `init_checkpoint`) or the preset + overrides."""
+  m = config.model
+  run = {k: m[k] for k in _RUN_FIELDS if m.get(k) is not None}
+  pretrained = pretrained_model_config(config)
+  if pretrained is not None:
+    cfg = BertConfig(**{**pretrained, **run})
+  else:
+    arch = {k: m[k] for k in _ARCH_FIELDS if m.get(k) is not None}
+    if m.get("preset"):
+      cfg = BertConfig.from_preset(m.preset, vocab_size=vocab_size, **arch, **run)
+    else:
+      cfg = BertConfig(vocab_size=vocab_size, **arch, **run)
+  if tokenizer is not None and tokenizer.get_vocab_size() > cfg.vocab_size:
+    raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+                    f"{cfg.vocab_size}; use the checkpoint's own tokenizer")
+  if config.data.max_seq_length > cfg.max_position_embeddings:
+    raise UserError(f"data.max_seq_length={config.data.max_seq_length} exceeds the model's position table "
+                    f"(max_position_embeddings={cfg.max_position_embeddings}); lower data.max_seq_length")
+  return cfg
+
+
+def pretrained_model_config(config: ConfigDict) -> dict | None:
+  """The architecture dict of `init_checkpoint` (bertjax) or `init_from_hf` (HF folder / hub name)."""
+  if config.get("init_checkpoint"):
+    from bertjax.train import checkpoint
+    step_dir = checkpoint.resolve_step_dir(config.init_checkpoint)
+    with open(os.path.join(step_dir, "meta", "metadata")) as f:
+      meta = json.load(f)
+    return {k: v for k, v in meta["model_config"].items() if k not in _RUN_FIELDS}
+  if config.get("init_from_hf"):
+    from bertjax.convert import hf
+    cfg = hf.read_config(config.init_from_hf)
+    return {k: v for k, v in cfg.__dict__.items() if k not in _RUN_FIELDS}
+  return None
+
+
+def pretrained_tokenizer_dir(config: ConfigDict) -> str | None:
+  """The tokenizer folder that comes with `init_checkpoint` / `init_from_hf`, if any."""
+  if config.get("init_checkpoint"):
+    from bertjax.train import checkpoint
+    step_dir = checkpoint.resolve_step_dir(config.init_checkpoint)
+    folder = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "tokenizer")
+    return folder if os.path.isdir(folder) else None
+  if config.get("init_from_hf"):
+    from bertjax.convert import hf
+    return hf.tokenizer_dir(config.init_from_hf)
+  return None

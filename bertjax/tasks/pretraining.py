@@ -1,0 +1,132 @@
+"""BERT pretraining: masked LM + next-sentence prediction on a document corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from bertjax.data import corpus, loader, pretraining as pt, tokenizer as toklib
+from bertjax.errors import UserError
+from bertjax.models.bert import BertConfig
+from bertjax.models.heads import BertForPreTraining
+from bertjax.tasks import common
+
+
+class PretrainingTask:
+  name = "pretraining"
+  head = "pretraining"
+  main_metric = "mlm_accuracy"
+
+  def __init__(self, config: ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.cache_dir = config.data.cache_dir or corpus.default_cache_dir()
+    self.tok = None
+
+  # -- data ---------------------------------------------------------------------------------------------
+  def prepare(self) -> None:
+    c, d = self.config, self.config.data
+    common.check_seq_length(c)
+    docs = corpus.load_documents(d.corpus, self.cache_dir, d.text_column, d.sample_by)
+    if len(docs) < 4:
+      raise UserError(f"data.corpus {d.corpus} has {len(docs)} documents; pretraining needs at least 4 "
+                      "(two for NSP in each of train and eval)")
+    n_eval = max(2, int(round(len(docs) * d.eval_fraction)))
+    split = docs.train_test_split(test_size=n_eval, seed=c.seed, shuffle=True)
+    train_docs = split["train"].shard(jax.process_count(), jax.process_index(), contiguous=True)
+    self.tok, self.tok_source = self._tokenizer(split["train"])
+    self.model_config = common.model_config(c, vocab_size=self.tok.get_vocab_size(), tokenizer=self.tok)
+    fp = toklib.fingerprint(self.tok)
+    pair_cfg = pt.PairConfig(d.max_seq_length, d.short_seq_prob, d.nsp_probability, c.seed)
+    cls_id, sep_id = self.tok.token_to_id("[CLS]"), self.tok.token_to_id("[SEP]")
+    train_tok = pt.tokenize_documents(train_docs, self.tok, fp, d.num_proc or None)
+    eval_tok = pt.tokenize_documents(split["test"], self.tok, fp, None)
+    self.train_pairs = pt.create_pairs(train_tok, cls_id, sep_id, pair_cfg, self.cache_dir)
+    self.eval_pairs = pt.create_pairs(eval_tok, cls_id, sep_id, dataclasses.replace(pair_cfg, seed=c.seed + 1),
+                                      self.cache_dir)
+    special = [self.tok.token_to_id(t) for t in toklib.SPECIAL_TOKENS]
+    self.masker = pt.Masker(pt.MaskConfig(d.mask_prob, d.max_predictions_per_seq, d.mask_token_frac,
+                                          d.random_token_frac, d.whole_word_masking),
+                            self.tok.get_vocab_size(), special, self.tok.token_to_id("[MASK]"),
+                            self.tok.token_to_id("[PAD]"))
+    logging.info("corpus %s: %d train / %d eval documents -> %d train / %d eval pairs of <= %d tokens "
+                 "(%.1f%% NSP random); tokenizer %s (%d tokens)", d.corpus, len(split["train"]), n_eval,
+                 len(self.train_pairs["nsp_labels"]), len(self.eval_pairs["nsp_labels"]), d.max_seq_length,
+                 100 * self.train_pairs["nsp_labels"].mean(), self.tok_source, self.tok.get_vocab_size())
+
+  def _tokenizer(self, train_docs) -> tuple[Any, str]:
+    d = self.config.data
+    saved = os.path.join(self.workdir, "tokenizer", "tokenizer.json")
+    if os.path.exists(saved):  # resume: never change the vocabulary under a checkpoint
+      return toklib.load(saved), saved
+    if d.tokenizer:
+      return toklib.load(d.tokenizer, d.lowercase), d.tokenizer
+    hf_dir = common.pretrained_tokenizer_dir(self.config)
+    if hf_dir:
+      return toklib.load(hf_dir, d.lowercase), hf_dir
+    key = hashlib.sha256(f"{train_docs._fingerprint}/{d.vocab_size}/{d.lowercase}".encode()).hexdigest()[:16]
+    cached = os.path.join(self.cache_dir, "tokenizers", key, "tokenizer.json")
+    if os.path.exists(cached):
+      return toklib.load(cached), f"trained on the corpus (cached {cached})"
+    tok = toklib.train((t for t in train_docs["text"]), d.vocab_size, d.lowercase)
+    toklib.save(tok, os.path.dirname(cached), d.lowercase)
+    return tok, f"trained on the corpus ({d.vocab_size} requested)"
+
+  def train_source(self) -> loader.BatchSource:
+    return loader.BatchSource(self.train_pairs, self.config.training.global_batch_size, self.config.seed,
+                              jax.process_index(), jax.process_count(), self.masker, "train")
+
+  def eval_batches(self) -> list[loader.Batch]:
+    if not hasattr(self, "_eval"):
+      self._eval = loader.eval_batches(self.eval_pairs, self.config.training.eval_batch_size, self.masker,
+                                       self.config.seed, jax.process_index(), jax.process_count())
+    return self._eval
+
+  def eval_summary(self, metrics: Mapping[str, float]) -> Mapping[str, float]:
+    """Accuracy of always predicting the eval set's most frequent masked token (a baseline to beat)."""
+    labels = np.concatenate([b["masked_labels"][b["masked_weights"] > 0] for b in self.eval_batches()])
+    counts = np.bincount(labels)
+    return {"mlm_majority_baseline": float(counts.max() / max(1, len(labels))),
+            "mlm_majority_token_id": int(counts.argmax())}
+
+  # -- model ----------------------------------------------------------------------------------------------
+  def build_model(self, rngs: nnx.Rngs) -> BertForPreTraining:
+    return BertForPreTraining(self.model_config, rngs)
+
+  def loss_fn(self, model, batch, rngs, deterministic):
+    mlm_logits, nsp_logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                                   batch["masked_positions"], deterministic=deterministic, rngs=rngs)
+    w = batch["masked_weights"]
+    xent = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["masked_labels"])
+    mlm_correct = (jnp.argmax(mlm_logits, -1) == batch["masked_labels"]) * w
+    nw = batch["nsp_weights"]
+    nsp_xent = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, batch["nsp_labels"])
+    nsp_correct = (jnp.argmax(nsp_logits, -1) == batch["nsp_labels"]) * nw
+    n_mlm, n_nsp = jnp.sum(w), jnp.sum(nw)
+    mlm_loss = jnp.sum(xent * w) / jnp.maximum(n_mlm, 1.0)
+    nsp_loss = jnp.sum(nsp_xent * nw) / jnp.maximum(n_nsp, 1.0)
+    loss = mlm_loss + nsp_loss
+    return loss, {"loss": (loss, 1.0), "mlm_loss": (jnp.sum(xent * w), n_mlm), "mlm_accuracy": (jnp.sum(mlm_correct), n_mlm),
+                  "nsp_loss": (jnp.sum(nsp_xent * nw), n_nsp), "nsp_accuracy": (jnp.sum(nsp_correct), n_nsp)}
+
+  # -- outputs --------------------------------------------------------------------------------------------
+  def save_assets(self, workdir: str) -> None:
+    folder = os.path.join(workdir, "tokenizer")
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+      toklib.save(self.tok, folder, self.config.data.lowercase, self.model_config.max_position_embeddings)
+
+  def checkpoint_meta(self) -> dict[str, Any]:
+    return {}
+
+  def finalize(self, model, predict, workdir) -> Mapping[str, float]:
+    return {}
+

@@ -1,0 +1,58 @@
+"""clu metric collections built from (total, count) pairs, and the human-readable progress line.
+
+A task's loss function returns `{name: (total, count)}`; every metric is a weighted average
+`sum(total) / sum(count)`, so merging across steps, micro-batches, eval batches and processes is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax
+import jax.numpy as jnp
+from clu import metrics as clu_metrics
+
+
+def _weighted(name: str) -> type:
+
+  @flax.struct.dataclass
+  class Weighted(clu_metrics.Average):
+
+    @classmethod
+    def from_model_output(cls, **kwargs) -> clu_metrics.Average:
+      total, count = kwargs[name]
+      return cls(total=jnp.asarray(total, jnp.float32), count=jnp.asarray(count, jnp.float32))
+
+    def compute(self) -> Any:
+      return self.total / jnp.maximum(self.count, 1e-9)
+
+  Weighted.__name__ = f"Weighted_{name}"
+  return Weighted
+
+
+_COLLECTIONS: dict[tuple, type] = {}
+
+
+def collection(names: Sequence[str]) -> type:
+  """A clu `Collection` class with one weighted average per name (cached per name tuple)."""
+  key = tuple(names)
+  if key not in _COLLECTIONS:
+    _COLLECTIONS[key] = clu_metrics.Collection.create(**{n: _weighted(n) for n in key})
+  return _COLLECTIONS[key]
+
+
+def from_outputs(values: Mapping[str, tuple]) -> clu_metrics.Collection:
+  return collection(sorted(values)).single_from_model_output(**values)
+
+
+def progress_line(step: int, total: int, scalars: Mapping[str, float], tokens_per_s: float | None,
+                  prefix: str = "train") -> str:
+  keys = [k for k in ("loss", "mlm_accuracy", "nsp_accuracy", "accuracy", "learning_rate") if k in scalars]
+  keys += sorted(k for k in scalars if k not in keys and k in ("mlm_loss", "nsp_loss", "grad_norm"))
+  parts = [f"{prefix} step {step}/{total}"]
+  for k in keys:
+    v = float(scalars[k])
+    parts.append(f"{k} {v:.2e}" if k == "learning_rate" else f"{k} {v:.4f}")
+  if tokens_per_s is not None:
+    parts.append(f"{tokens_per_s:,.0f} tokens/s")
+  return " | ".join(parts)

@@ -1,0 +1,300 @@
+"""One generic trainer for every task: sharded state, one jitted train step, eval, checkpoints, metrics.
+
+`train_and_evaluate(config, workdir)` validates everything it can before it writes a byte to the workdir,
+then resumes from the latest checkpoint there (or starts fresh / from `init_checkpoint` / `init_from_hf`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metric_writers, periodic_actions
+from flax import nnx
+from ml_collections import ConfigDict
+
+from bertjax import tasks
+from bertjax.data.loader import prefetch
+from bertjax.errors import UserError
+from bertjax.train import checkpoint, metrics as mlib, optim, sharding
+
+
+@dataclasses.dataclass
+class TrainState:
+  """Everything a resumed run needs; `params`/`opt_state` are sharded pytrees."""
+  step: int
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data; dropout uses fold_in(rng, step)
+
+
+class Trainer:
+  """Builds the mesh, model, optimizer and jitted steps for a task."""
+
+  def __init__(self, config: ConfigDict, workdir: str, task: Any | None = None):
+    self.config, self.workdir = config, workdir
+    t = config.training
+    self.task = task if task is not None else tasks.get(config.task)(config, workdir)
+    self.mesh = sharding.make_mesh(dict(config.mesh.shape))
+    self.rules = [tuple(r) for r in config.mesh.logical_axis_rules]
+    dp = sharding.data_parallel_size(self.mesh)
+    accum = int(t.get("grad_accum_steps", 1))
+    if accum < 1 or t.global_batch_size % accum:
+      raise UserError(f"training.global_batch_size={t.global_batch_size} is not divisible by "
+                      f"training.grad_accum_steps={accum}")
+    self.accum = accum
+    micro = t.global_batch_size // accum
+    if micro % dp:
+      raise UserError(f"training.global_batch_size={t.global_batch_size} (micro-batch {micro}) is not divisible "
+                      f"by the data-parallel device count {dp} (mesh data x fsdp); use a multiple of {dp}")
+    if t.eval_batch_size % dp:
+      raise UserError(f"training.eval_batch_size={t.eval_batch_size} is not divisible by the data-parallel "
+                      f"device count {dp}; use a multiple of {dp}")
+    self.num_train_steps = int(t.num_train_steps)
+    if self.num_train_steps < 1:
+      raise UserError(f"training.num_train_steps={t.num_train_steps} must be positive")
+
+  # -- setup ----------------------------------------------------------------------------------------------
+  def setup(self) -> None:
+    """Load data and build abstract model + shardings. Raises UserError before anything is written."""
+    self.task.prepare()
+    cfg = self.config
+    abstract = nnx.eval_shape(lambda: self.task.build_model(nnx.Rngs(cfg.seed)))
+    self.graphdef = nnx.graphdef(abstract)
+    self.param_sh = sharding.param_shardings(abstract, self.mesh, self.rules)
+    self.abstract_params = jax.tree_util.tree_map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), self.param_sh)
+    frozen = list(cfg.training.get("freeze", []) or [])
+    self.tx, self.schedule = optim.make(cfg.optimizer, self.abstract_params, self.num_train_steps, frozen)
+    abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+    self.opt_sh = sharding.opt_state_shardings(self.tx, abstract_opt, self.param_sh, self.mesh)
+    self.abstract_opt = jax.tree_util.tree_map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), abstract_opt, self.opt_sh)
+    self.repl = sharding.replicated(self.mesh)
+    self.batch_sh = sharding.batch_sharding(self.mesh, leading_dims=1 if self.accum > 1 else 0)
+    self.eval_batch_sh = sharding.batch_sharding(self.mesh)
+    self._compile_steps()
+
+  def init_state(self) -> TrainState:
+    """Fresh parameters (or those of init_checkpoint / init_from_hf), sharded at creation."""
+    cfg = self.config
+
+    def init():
+      model = self.task.build_model(nnx.Rngs(cfg.seed))
+      return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    params = jax.jit(init, out_shardings=self.param_sh)()
+    params = self._load_pretrained(params)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
+    rng = jax.random.key_data(jax.random.key(cfg.seed + 1))
+    return TrainState(0, params, opt_state, rng)
+
+  def _load_pretrained(self, params):
+    cfg = self.config
+    if not (cfg.get("init_checkpoint") or cfg.get("init_from_hf")):
+      return params
+    from bertjax.convert import hf
+    host = jax.tree_util.tree_map(np.asarray, params)
+    if cfg.get("init_checkpoint"):
+      loaded, report = hf.init_from_checkpoint(host, cfg.init_checkpoint)
+      source = cfg.init_checkpoint
+    else:
+      loaded, report = hf.init_from_hf(host, cfg.init_from_hf)
+      source = cfg.init_from_hf
+    logging.info("initialised from %s; fresh (not in the source): %s; unused source keys: %s", source,
+                 report.get("fresh", []), report.get("unused", []))
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), loaded, self.param_sh)
+
+  # -- steps ----------------------------------------------------------------------------------------------
+  def _compile_steps(self) -> None:
+    graphdef, task, tx, accum = self.graphdef, self.task, self.tx, self.accum
+
+    def loss_on(params, batch, key):
+      model = nnx.merge(graphdef, params)
+      return task.loss_fn(model, batch, nnx.Rngs(dropout=key), False)
+
+    grad_fn = jax.value_and_grad(loss_on, has_aux=True)
+
+    def train_step(params, opt_state, batch, step, rng):
+      key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+      if accum == 1:
+        (_, m), grads = grad_fn(params, batch, key)
+      else:
+        def micro(carry, xs):
+          g_acc, m_acc = carry
+          mb, k = xs
+          (_, m), g = grad_fn(params, mb, k)
+          return (jax.tree_util.tree_map(jnp.add, g_acc, g),
+                  jax.tree_util.tree_map(jnp.add, m_acc, m)), None
+        zeros_g = jax.tree_util.tree_map(jnp.zeros_like, params)
+        _, m_shape = jax.eval_shape(loss_on, params, jax.tree_util.tree_map(lambda x: x[0], batch), key)
+        zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+        (grads, m), _ = jax.lax.scan(micro, (zeros_g, zeros_m), (batch, jax.random.split(key, accum)))
+        grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      m = dict(m)
+      m["grad_norm"] = (optax.global_norm(grads), 1.0)
+      m["learning_rate"] = (self.schedule(step), 1.0)
+      return params, opt_state, mlib.from_outputs(m)
+
+    self.train_step = jax.jit(
+        train_step, donate_argnums=(0, 1),
+        in_shardings=(self.param_sh, self.opt_sh, self.batch_sh, self.repl, self.repl),
+        out_shardings=(self.param_sh, self.opt_sh, self.repl))
+
+    def eval_step(params, batch):
+      model = nnx.merge(graphdef, params)
+      _, m = task.loss_fn(model, batch, None, True)
+      return mlib.from_outputs(m)
+
+    self.eval_step = jax.jit(eval_step, in_shardings=(self.param_sh, self.eval_batch_sh),
+                             out_shardings=self.repl)
+
+  def put_batch(self, batch: Mapping[str, np.ndarray], train: bool = True) -> dict:
+    """Host-local numpy batch -> global device arrays sharded over data x fsdp."""
+    if train and self.accum > 1:
+      batch = {k: v.reshape(self.accum, v.shape[0] // self.accum, *v.shape[1:]) for k, v in batch.items()}
+      sh = self.batch_sh
+    else:
+      sh = self.batch_sh if train else self.eval_batch_sh
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+  def evaluate(self, params) -> dict[str, float]:
+    acc = None
+    for b in self.task.eval_batches():
+      m = self.eval_step(params, self.put_batch(b, train=False))
+      acc = m if acc is None else acc.merge(m)
+    if acc is None:
+      return {}
+    return {k: float(v) for k, v in acc.compute().items()}
+
+  # -- checkpoints ----------------------------------------------------------------------------------------
+  def meta(self, state: TrainState) -> dict:
+    return checkpoint.model_meta(self.task.model_config, self.task.head, step=state.step, task=self.task.name,
+                                 rng=[int(x) for x in np.asarray(state.rng).ravel()],
+                                 data={"next_step": state.step, "seed": self.config.seed,
+                                       "global_batch_size": self.config.training.global_batch_size},
+                                 **self.task.checkpoint_meta())
+
+  def check_compatible(self, mngr) -> None:
+    """Refuse to resume a workdir whose checkpoint holds a different model (before writing anything)."""
+    step = mngr.latest_step()
+    if step is None:
+      return
+    meta_file = os.path.join(self.workdir, checkpoint.CHECKPOINT_SUBDIR, str(step), "meta", "metadata")
+    if not os.path.exists(meta_file):
+      return
+    with open(meta_file) as f:
+      old = json.load(f).get("model_config", {})
+    new = dataclasses.asdict(self.task.model_config)
+    diff = {k: (old.get(k), new[k]) for k in new if k not in ("dtype", "hidden_dropout_prob",
+                                                              "attention_probs_dropout_prob")
+            and old.get(k) != new[k]}
+    if diff:
+      raise UserError(f"workdir {self.workdir} holds a checkpoint of a different model ({diff}, "
+                      "checkpoint vs config); use a new --workdir or the same model settings")
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
+  """Train `config.task` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} is a file; pass a folder")
+  trainer = Trainer(config, workdir)
+  trainer.setup()  # all validation and data loading; nothing written to workdir yet
+  t = config.training
+  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
+  had_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+  if had_ckpt:
+    probe = checkpoint.manager(workdir, t.keep_checkpoints, async_save=False)
+    trainer.check_compatible(probe)
+    probe.close()
+
+  os.makedirs(workdir, exist_ok=True)
+  trainer.task.save_assets(workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  mngr = checkpoint.manager(workdir, t.keep_checkpoints, t.checkpoint_every_steps, t.async_checkpointing)
+  latest = mngr.latest_step()
+  if latest is not None:
+    params, opt_state, meta = checkpoint.restore(mngr, latest, trainer.abstract_params, trainer.abstract_opt)
+    state = TrainState(int(meta["step"]), params, opt_state, jnp.asarray(meta["rng"], jnp.uint32))
+    logging.info("Resuming from checkpoint at step %d (%s)", state.step, os.path.join(ckpt_dir, str(latest)))
+  else:
+    state = trainer.init_state()
+    logging.info("Starting fresh at step 0 (no checkpoint in %s)", ckpt_dir)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if state.step == 0 and jax.process_index() == 0:
+    from clu import parameter_overview
+    logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(
+        jax.tree_util.tree_map(np.asarray, state.params)))
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
+  report = periodic_actions.ReportProgress(num_train_steps=trainer.num_train_steps, writer=writer,
+                                           every_steps=t.log_every_steps)
+  source = trainer.task.train_source()
+  tokens_per_step = t.global_batch_size * config.data.get("max_seq_length", 0)
+  batches = prefetch((source.batch(s) for s in range(state.step, trainer.num_train_steps)),
+                     trainer.put_batch, size=int(config.data.get("prefetch", 2)))
+  logging.info("training steps %d -> %d (%d steps per epoch, global batch %d, mesh %s)", state.step,
+               trainer.num_train_steps, source.steps_per_epoch, t.global_batch_size, dict(trainer.mesh.shape))
+  eval_metrics: dict[str, float] = {}
+  acc, t0, s0 = None, time.time(), state.step
+  params, opt_state = state.params, state.opt_state
+  step = state.step
+  for step in range(state.step, trainer.num_train_steps):
+    batch = next(batches)
+    params, opt_state, m = trainer.train_step(params, opt_state, batch, np.int32(step), state.rng)
+    acc = m if acc is None else acc.merge(m)
+    done = step + 1
+    report(done)
+    if done % t.log_every_steps == 0 or done == trainer.num_train_steps:
+      scalars = {k: float(v) for k, v in acc.compute().items()}  # host sync only here
+      dt = time.time() - t0
+      tps = tokens_per_step * (done - s0) / max(dt, 1e-9)
+      writer.write_scalars(done, {**{f"train/{k}": v for k, v in scalars.items()}, "train/tokens_per_s": tps})
+      logging.info(mlib.progress_line(done, trainer.num_train_steps, scalars, tps))
+      acc, t0, s0 = None, time.time(), done
+    if done % t.eval_every_steps == 0 or done == trainer.num_train_steps:
+      eval_metrics = trainer.evaluate(params)
+      eval_metrics.update(trainer.task.eval_summary(eval_metrics))
+      writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+      logging.info(mlib.progress_line(done, trainer.num_train_steps, eval_metrics, None, prefix="eval"))
+    state = TrainState(done, params, opt_state, state.rng)
+    checkpoint.save(mngr, done, params, opt_state, trainer.meta(state), force=done == trainer.num_train_steps)
+  if state.step >= trainer.num_train_steps and not eval_metrics:
+    logging.info("checkpoint step %d already reaches training.num_train_steps=%d; evaluating only",
+                 state.step, trainer.num_train_steps)
+    eval_metrics = trainer.evaluate(params)
+    eval_metrics.update(trainer.task.eval_summary(eval_metrics))
+    logging.info(mlib.progress_line(state.step, trainer.num_train_steps, eval_metrics, None, prefix="eval"))
+  batches.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.flush()
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
+      json.dump({"step": state.step, **eval_metrics}, f, indent=2)
+  return eval_metrics
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[f"{prefix}{k}"] = v
+  return out

@@ -1,0 +1,45 @@
+"""BERT pretraining (masked LM + next-sentence prediction).
+
+The defaults train a `mini` BERT (4 layers, hidden 256) on the embedded BBC News corpus in a few minutes on
+a laptop CPU. For real pretraining pick a bigger preset and corpus, e.g.
+  --config.model.preset=base --config.data.corpus=/data/wiki/*.txt --config.data.sample_by=paragraph
+  --config.data.tokenizer=/path/to/vocab.txt --config.training.global_batch_size=256
+  --config.training.num_train_steps=1000000 --config.optimizer.name=lamb
+"""
+
+from bertjax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.task = "pretraining"
+  d = config.data
+  d.corpus = "bbc_news"  # embedded default | local file/folder/glob (.txt/.json/.jsonl/.parquet) | hub name
+  d.text_column = "text"
+  d.sample_by = "document"  # .txt files: one document per file ("document") or blank-line separated ("paragraph")
+  d.tokenizer = ""  # vocab.txt / tokenizer.json / HF folder; empty: train WordPiece on the corpus
+  d.vocab_size = 8192  # when training a vocabulary
+  d.lowercase = True
+  d.max_seq_length = 128
+  d.short_seq_prob = 0.1
+  d.nsp_probability = 0.5
+  d.mask_prob = 0.15
+  d.max_predictions_per_seq = 20
+  d.mask_token_frac = 0.8
+  d.random_token_frac = 0.1
+  d.whole_word_masking = False
+  d.eval_fraction = 0.05  # of documents, held out
+
+  config.model.preset = "mini"
+  t = config.training
+  t.global_batch_size = 64
+  t.eval_batch_size = 64
+  t.num_train_steps = 600
+  t.log_every_steps = 50
+  t.eval_every_steps = 300
+  t.checkpoint_every_steps = 200
+
+  o = config.optimizer
+  o.learning_rate = 1e-3
+  o.warmup_steps = 60
+  return config
