@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -50,12 +51,33 @@ def main(argv):
   train_and_evaluate(config, workdir)
 
 
+def _fail(msg: str) -> None:
+  print(f"bertjax: error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with config overrides, but a user mistake is one line, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    text = str(e).encode().decode("unicode_escape")
+    names = re.findall(r"'(\w+)'", text)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and names
+           and a.split("=")[0].split(".")[-1] == names[0] or (names and f".{names[0]}." in a.split("=")[0])]
+    if isinstance(e, (KeyError, AttributeError)) and bad:
+      suggestion = f" (did you mean {hint.group(1)!r}?)" if hint else ""
+      _fail(f"unknown config field {bad[0][len('--config.'):]!r}{suggestion}; see the config file for valid fields")
+    _fail(f"bad command line: {' '.join(text.split())}")
+  return []
+
+
 def run():
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except UserError as e:
-    print(f"bertjax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
 
 
 if __name__ == "__main__":

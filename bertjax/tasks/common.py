@@ -27,6 +27,13 @@ def check_seq_length(config: ConfigDict) -> None:
     raise UserError(f"data.max_seq_length={config.data.max_seq_length} is too short; use at least 8")
 
 
+def check_config(config: ConfigDict) -> None:
+  """Cheap static checks of `config.model` / `config.data` before any data is loaded."""
+  check_seq_length(config)
+  if not (config.get("init_checkpoint") or config.get("init_from_hf")):
+    model_config(config, vocab_size=1)  # raises on e.g. a hidden size the head count does not divide
+
+
 def model_config(config: ConfigDict, vocab_size: int, tokenizer: Any = None) -> BertConfig:
   """BertConfig from a pretrained source (`init_from_hf` / `init_checkpoint`) or the preset + overrides."""
   m = config.model

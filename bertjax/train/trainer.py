@@ -24,6 +24,7 @@ from ml_collections import ConfigDict
 from bertjax import tasks
 from bertjax.data.loader import prefetch
 from bertjax.errors import UserError
+from bertjax.tasks import common
 from bertjax.train import checkpoint, metrics as mlib, optim, sharding
 
 
@@ -39,11 +40,12 @@ class TrainState:
 class Trainer:
   """Builds the mesh, model, optimizer and jitted steps for a task."""
 
-  def __init__(self, config: ConfigDict, workdir: str, task: Any | None = None):
+  def __init__(self, config: ConfigDict, workdir: str, task: Any | None = None, devices: list | None = None):
     self.config, self.workdir = config, workdir
     t = config.training
+    common.check_config(config)
     self.task = task if task is not None else tasks.get(config.task)(config, workdir)
-    self.mesh = sharding.make_mesh(dict(config.mesh.shape))
+    self.mesh = sharding.make_mesh(dict(config.mesh.shape), devices)
     self.rules = [tuple(r) for r in config.mesh.logical_axis_rules]
     dp = sharding.data_parallel_size(self.mesh)
     accum = int(t.get("grad_accum_steps", 1))
@@ -143,7 +145,7 @@ class Trainer:
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       m = dict(m)
-      m["grad_norm"] = (optax.global_norm(grads), 1.0)
+      m["grad_norm"] = (optax.tree.norm(grads), 1.0)
       m["learning_rate"] = (self.schedule(step), 1.0)
       return params, opt_state, mlib.from_outputs(m)
 

@@ -1,0 +1,34 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported), shared tiny fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+  env = os.environ.get("BERTJAX_SHARED_DATA")
+  for p in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+    if p.is_dir():
+      return p
+  return None
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+  """One bertjax cache (corpora, tokenized datasets, pairs) for the whole session."""
+  return str(tmp_path_factory.mktemp("bertjax_cache"))
+
+
+@pytest.fixture(scope="session")
+def bbc_tokenizer(cache_dir):
+  """A small WordPiece vocabulary trained on the embedded BBC News corpus, and the documents."""
+  from bertjax.data import corpus, tokenizer
+  docs = corpus.load_documents("bbc_news", cache_dir)
+  return tokenizer.train((t for t in docs["text"]), 3000), docs
