@@ -1,0 +1,61 @@
+"""CLI: `python -m bertjax.convert {from_hf,to_hf} ...`; a user mistake prints one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from bertjax.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message: str):  # one line, like UserError
+    raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def parser() -> argparse.ArgumentParser:
+  from bertjax.convert.commands import HEAD_CHOICES
+  p = _Parser(prog="python -m bertjax.convert",
+              description="Convert between Hugging Face BERT folders and bertjax checkpoints.")
+  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  a = sub.add_parser("from_hf", help="Hugging Face BERT folder or hub name -> bertjax checkpoint")
+  a.add_argument("--hf", required=True, help="HF model folder or hub name (e.g. bert-base-uncased)")
+  a.add_argument("--out", required=True, help="bertjax workdir to write (checkpoints/0, tokenizer/)")
+  a.add_argument("--head", default="auto", choices=HEAD_CHOICES, metavar="|".join(HEAD_CHOICES))
+  a.add_argument("--num_labels", type=int, default=None, help="classifier size (default: from the source)")
+  a.add_argument("--seed", type=int, default=0, help="seed for heads initialised fresh")
+  a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  b = sub.add_parser("to_hf", help="bertjax checkpoint -> Hugging Face folder (transformers, PyTorch)")
+  b.add_argument("--checkpoint", required=True, help="bertjax workdir or checkpoint step folder")
+  b.add_argument("--out", required=True, help="HF folder to write")
+  b.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                 help="reload with transformers and compare outputs (default: when torch is installed)")
+  b.add_argument("--atol", type=float, default=1e-4, help="parity tolerance, max abs diff (default 1e-4)")
+  b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from bertjax.convert.verify import ParityError
+  log = lambda line: print(line, flush=True)
+  try:
+    args = parser().parse_args(argv)
+    from bertjax.convert import commands
+    if args.command == "from_hf":
+      commands.from_hf(args.hf, args.out, args.head, args.num_labels, args.overwrite, args.seed, log=log)
+    else:
+      commands.to_hf(args.checkpoint, args.out, args.verify, args.atol, args.overwrite, log=log)
+  except UserError as e:
+    print(f"bertjax.convert: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  except ParityError as e:
+    print(f"bertjax.convert: error: parity check failed: {' '.join(str(e).split())}", file=sys.stderr)
+    return 3
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

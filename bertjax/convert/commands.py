@@ -1,0 +1,194 @@
+"""`from_hf` and `to_hf`: whole-folder conversions, written atomically (temp dir next to `out`, then rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from bertjax.convert import hf, hf_io
+from bertjax.convert.mapping import HF_ARCHITECTURE, to_hf_state
+from bertjax.errors import UserError
+
+if TYPE_CHECKING:
+  from bertjax.models.bert import BertConfig
+
+HEAD_CHOICES = ("auto", *HF_ARCHITECTURE)
+Log = Callable[[str], None]
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str, overwrite: bool) -> Iterator[str]:
+  """Yield a temp folder that replaces `out` only if the block succeeds; refuse a non-empty `out`."""
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out={out} is a file; pass a folder path")
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise UserError(f"--out={out} is not empty; pass --overwrite to replace it, or choose another folder")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)
+  try:
+    yield tmp
+    if os.path.exists(out):
+      old = tmp + ".old"
+      os.rename(out, old)
+      os.rename(tmp, out)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _refuse_inside(out: str, src: str, what: str) -> None:
+  """Replacing `out` must not delete the input."""
+  out, src = os.path.realpath(os.path.abspath(out)), os.path.realpath(src)
+  if os.path.commonpath([out, src]) == out:
+    raise UserError(f"--out={out} contains the {what} {src}; write to another folder")
+
+
+def _num_labels(hf_cfg: dict, state: dict, requested: int | None) -> tuple[int, list[str] | None]:
+  """--num_labels, else the source's id2label / num_labels / classifier rows, else 2; plus label names."""
+  id2label = hf_cfg.get("id2label") or {}
+  names = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
+  if names and all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+    names = None
+  rows = next((np.shape(v)[0] for k, v in state.items() if k.endswith("classifier.weight")), None)
+  n = requested or rows or (len(id2label) if id2label else None) or hf_cfg.get("num_labels") or 2
+  if names and len(names) != n:
+    names = None
+  return int(n), names
+
+
+def _check_vocab(info: dict, cfg: BertConfig, log: Log) -> None:
+  if info["vocab_size"] > cfg.vocab_size:
+    log(f"WARNING: the tokenizer has {info['vocab_size']} tokens but the model vocab_size is {cfg.vocab_size}; "
+        "ids past the embedding table would be out of range")
+
+
+def from_hf(src: str, out: str, head: str = "auto", num_labels: int | None = None, overwrite: bool = False,
+            seed: int = 0, log: Log = print) -> str:
+  """HF BERT folder/hub name -> bertjax workdir `out` (checkpoints/0 + tokenizer/). Returns the step dir."""
+  if head not in HEAD_CHOICES:
+    raise UserError(f"--head={head} is unknown; choose one of {', '.join(HEAD_CHOICES)}")
+  if num_labels is not None and num_labels < 1:
+    raise UserError(f"--num_labels={num_labels} must be >= 1")
+  if num_labels is not None and head not in ("auto", *hf.CLASSIFIER_HEADS):
+    raise UserError(f"--num_labels applies to --head=sequence_classification or token_classification, not {head}")
+  with atomic_dir(out, overwrite) as tmp:
+    folder = hf_io.resolve_source(src)
+    _refuse_inside(out, folder, "source")
+    hf_cfg = hf_io.read_hf_config(folder)
+    state, weights_file = hf_io.read_weights(folder)
+    cfg = hf_io.bert_config(hf_cfg, os.path.join(folder, hf_io.CONFIG_FILE))
+    log(f"read {len(state)} tensors from {os.path.join(folder, weights_file)}")
+    if head == "auto":
+      head = hf.detect_head(hf_cfg, state)
+      why = f"architectures {hf_cfg['architectures']}" if hf_cfg.get("architectures") else "the keys present"
+      log(f"head: {head} (auto, from {why})")
+    if num_labels is not None and head not in hf.CLASSIFIER_HEADS:
+      raise UserError(f"--num_labels needs a classification head but the source is {head}; pass "
+                      "--head=sequence_classification or --head=token_classification")
+    n, names = _num_labels(hf_cfg, state, num_labels) if head in hf.CLASSIFIER_HEADS else (None, None)
+    params, report = hf.init_params(hf.abstract_params(cfg, head, n), state, head, seed=seed,
+                                    initializer_range=cfg.initializer_range)
+    for line in report.lines():
+      log(line)
+    extra: dict[str, Any] = {"num_labels": n, "source": src, "fresh": report.fresh}
+    if names:
+      extra["label_names"] = names
+    tok_dir = os.path.join(tmp, "tokenizer")
+    if hf_io.has_tokenizer(folder):
+      info = hf_io.export_tokenizer(folder, tok_dir, cfg.max_position_embeddings)
+      extra["do_lower_case"] = info["do_lower_case"]
+      built = f"; built {', '.join(info['built'])}" if info["built"] else ""
+      log(f"tokenizer: copied {', '.join(info['files'])}{built} (do_lower_case={info['do_lower_case']})")
+      _check_vocab(info, cfg, log)
+    else:
+      log(f"WARNING: no vocab.txt/tokenizer.json in {folder}; {out}/tokenizer not written")
+    from bertjax.train import checkpoint
+    checkpoint.save_params(tmp, 0, params, checkpoint.model_meta(cfg, head, **extra))
+  step_dir = os.path.join(os.path.abspath(out), checkpoint.CHECKPOINT_SUBDIR, "0")
+  log(f"wrote {step_dir}")
+  return step_dir
+
+
+def hf_config(cfg: BertConfig, head: str, num_labels: int | None, label_names: list[str] | None) -> dict:
+  """transformers `config.json` for `cfg` and `head`."""
+  fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dtype"}
+  out: dict[str, Any] = {"architectures": [HF_ARCHITECTURE[head]], "model_type": "bert", **fields,
+                         "position_embedding_type": "absolute", "classifier_dropout": None, "is_decoder": False,
+                         "add_cross_attention": False, "use_cache": True, "tie_word_embeddings": True,
+                         "dtype": "float32"}
+  if head in hf.CLASSIFIER_HEADS:
+    names = label_names if label_names and len(label_names) == num_labels else [
+        f"LABEL_{i}" for i in range(num_labels or 2)]
+    out["id2label"] = {str(i): n for i, n in enumerate(names)}
+    out["label2id"] = {n: i for i, n in enumerate(names)}
+    if num_labels == 1:
+      out["problem_type"] = "regression"
+  return out
+
+
+def to_hf(checkpoint_path: str, out: str, verify: bool | None = None, atol: float = 1e-4,
+          overwrite: bool = False, log: Log = print) -> dict[str, float]:
+  """bertjax checkpoint -> HF folder (config.json, model.safetensors, tokenizer). Returns the parity diffs.
+
+  verify: None = check parity when torch + transformers import, True = require it, False = skip.
+  """
+  from bertjax.convert import verify as parity
+  from bertjax.train import checkpoint
+  if verify and not parity.torch_available():
+    raise UserError("--verify needs torch and transformers; pip install 'bertjax[hf]' or pass --no-verify")
+  with atomic_dir(out, overwrite) as tmp:
+    step_dir = checkpoint.resolve_step_dir(checkpoint_path)
+    _refuse_inside(out, step_dir, "checkpoint")
+    params, meta = checkpoint.load_params(step_dir)
+    head = meta.get("head")
+    if head not in HF_ARCHITECTURE:
+      raise UserError(f"checkpoint {step_dir} has head={head!r}; to_hf exports {', '.join(HF_ARCHITECTURE)}")
+    if not isinstance(meta.get("model_config"), dict):
+      raise UserError(f"checkpoint {step_dir} has no model_config in its meta; it was not written by bertjax")
+    from bertjax.models.bert import BertConfig
+    known = {f.name for f in dataclasses.fields(BertConfig)} - {"dtype"}
+    cfg = BertConfig(**{k: v for k, v in meta["model_config"].items() if k in known}, dtype="float32")
+    num_labels = None
+    if head in hf.CLASSIFIER_HEADS:
+      num_labels = int(np.shape(params["classifier"]["kernel"])[1])
+      if meta.get("num_labels") not in (None, num_labels):
+        log(f"WARNING: meta num_labels={meta['num_labels']} but the classifier has {num_labels} outputs; using "
+            f"{num_labels}")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config(cfg, head, num_labels, meta.get("label_names")), f, indent=2)
+    from safetensors.numpy import save_file
+    state = to_hf_state(params)
+    save_file({k: v.astype(np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
+    log(f"wrote {len(state)} tensors as {HF_ARCHITECTURE[head]} from {step_dir}")
+    tok_src = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "tokenizer")
+    if os.path.isdir(tok_src) and hf_io.has_tokenizer(tok_src):
+      info = hf_io.export_tokenizer(tok_src, tmp, cfg.max_position_embeddings)
+      log(f"tokenizer from {tok_src}: {', '.join(info['files'] + info['built'])} "
+          f"(do_lower_case={info['do_lower_case']})")
+      _check_vocab(info, cfg, log)
+    else:
+      log(f"WARNING: no tokenizer in {tok_src}; the folder has no tokenizer files")
+    diffs: dict[str, float] = {}
+    if verify is False or (verify is None and not parity.torch_available()):
+      log("parity check skipped" + ("" if verify is False else " (torch/transformers not installed)"))
+    else:
+      diffs = parity.verify_folder(tmp, cfg, head, params, num_labels, atol)
+      log("parity vs transformers (max abs diff): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+          + f" <= atol {atol:g}")
+  log(f"wrote {os.path.abspath(out)}")
+  return diffs
