@@ -97,7 +97,8 @@ def get_task(task: str) -> GlueTask:
 
 def _check_split(t: GlueTask, split: str) -> None:
   if split not in t.splits:
-    raise UserError(f"unknown split '{split}' for GLUE task {t.name}; expected one of {list(t.splits)}")
+    raise UserError(f"unknown split '{split}' for GLUE task {t.name}; "
+                    f"expected one of {list(t.splits)}")
 
 
 def split_path(data_dir: str | Path, task: str, split: str) -> Path:
@@ -108,7 +109,7 @@ def split_path(data_dir: str | Path, task: str, split: str) -> Path:
 
 def _read_lines(path: Path) -> list[tuple[int, list[str]]]:
   """(1-based line number, tab-separated fields) for each non-empty line."""
-  with open(path, encoding="utf-8", newline="\n") as f:
+  with open(path, encoding="utf-8-sig", newline="\n") as f:  # -sig: tolerate a BOM.
     out = []
     for lineno, line in enumerate(f, 1):
       line = line.rstrip("\n").rstrip("\r")
@@ -139,7 +140,8 @@ def read_split(data_dir: str | Path, task: str, split: str) -> list[Example]:
   missing = [c for c in needed if c not in header]
   if missing:
     raise UserError(f"{path}:1: missing column(s) {missing} for GLUE task {t.name} {split}: "
-                    f"expected {needed}, found {header}; check the file is {t.dir_name}/{split}.tsv")
+                    f"expected {needed}, found {header}; "
+                    f"check the file is {t.dir_name}/{split}.tsv")
   col = {c: header.index(c) for c in needed}
   idx_col = header.index(t.index_column) if t.index_column in header else None
   examples = []
@@ -157,7 +159,8 @@ def read_split(data_dir: str | Path, task: str, split: str) -> list[Example]:
         except ValueError:
           label = math.nan
         if not math.isfinite(label):
-          raise UserError(f"{where}: {t.label_column} '{raw}' is not a finite number for task {t.name}")
+          raise UserError(f"{where}: {t.label_column} '{raw}' is not a finite number "
+                          f"for task {t.name}")
       elif raw not in t.labels:
         raise UserError(f"{where}: label '{raw}' is not one of {list(t.labels)} for task {t.name}")
       else:
@@ -167,7 +170,8 @@ def read_split(data_dir: str | Path, task: str, split: str) -> list[Example]:
       try:
         index = int(fields[idx_col])
       except ValueError:
-        raise UserError(f"{where}: {header[idx_col]} '{fields[idx_col]}' is not an integer") from None
+        raise UserError(
+            f"{where}: {header[idx_col]} '{fields[idx_col]}' is not an integer") from None
     text_b = fields[col[t.text_columns[1]]] if len(t.text_columns) > 1 else None
     examples.append(Example(f"{split}-{row}", fields[col[t.text_columns[0]]], text_b, label, index))
   return examples
@@ -245,8 +249,9 @@ def encode_pairs(tokenizer: Any, texts_a: Sequence[str], texts_b: Sequence[str] 
   n_special = 3 if texts_b is not None else 2
   if max_seq_length < n_special + 1:
     raise UserError(f"max_seq_length {max_seq_length} is too small; use at least {n_special + 1}")
-  enc_a = [e.ids for e in tok.encode_batch(list(texts_a), add_special_tokens=False)]
-  enc_b = ([e.ids for e in tok.encode_batch(list(texts_b), add_special_tokens=False)]
+  encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # No offsets needed here.
+  enc_a = [e.ids for e in encode(list(texts_a), add_special_tokens=False)]
+  enc_b = ([e.ids for e in encode(list(texts_b), add_special_tokens=False)]
            if texts_b is not None else [[] for _ in enc_a])
   n = len(enc_a)
   input_ids = np.full((n, max_seq_length), pad_id, np.int32)
