@@ -39,7 +39,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
   if FLAGS.distributed or (FLAGS.distributed is None and _multihost_env()):
-    jax.distributed.initialize()
+    explicit = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                  ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
+    jax.distributed.initialize(**explicit)  # TPU pods, SLURM, ... are auto-detected
   config = FLAGS.config
   if config is None:
     raise UserError("--config is required, e.g. --config=configs/mlm.py")

@@ -42,5 +42,5 @@ class Task(Protocol):
   def eval_summary(self, metrics: Mapping[str, float]) -> Mapping[str, float]:
     """Extra eval numbers (e.g. baselines) to log next to the metrics."""
 
-  def finalize(self, model: nnx.Module, predict: Callable, workdir: str) -> Mapping[str, float]:
-    """After training: predictions files etc. Returns extra scalars to report."""
+  def finalize(self, predict: Callable, workdir: str) -> Mapping[str, float]:
+    """After training, with the best params: prediction files etc. `predict(host_batches)` -> host outputs."""

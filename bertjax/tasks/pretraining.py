@@ -25,7 +25,7 @@ from bertjax.tasks import common
 class PretrainingTask:
   name = "pretraining"
   head = "pretraining"
-  main_metric = "mlm_accuracy"
+  main_metric = ""  # no best-checkpoint tracking for pretraining
 
   def __init__(self, config: ConfigDict, workdir: str):
     self.config, self.workdir = config, workdir
@@ -127,6 +127,6 @@ class PretrainingTask:
   def checkpoint_meta(self) -> dict[str, Any]:
     return {}
 
-  def finalize(self, model, predict, workdir) -> Mapping[str, float]:
+  def finalize(self, predict, workdir) -> Mapping[str, float]:
     return {}
 

@@ -53,6 +53,8 @@ class Trainer:
       raise UserError(f"training.global_batch_size={t.global_batch_size} is not divisible by "
                       f"training.grad_accum_steps={accum}")
     self.accum = accum
+    self.best: dict = {}  # main-metric tracking for the best checkpoint / early stopping (saved in meta)
+    self.best_mngr: Any = None
     micro = t.global_batch_size // accum
     if micro % dp:
       raise UserError(f"training.global_batch_size={t.global_batch_size} (micro-batch {micro}) is not divisible "
@@ -60,15 +62,21 @@ class Trainer:
     if t.eval_batch_size % dp:
       raise UserError(f"training.eval_batch_size={t.eval_batch_size} is not divisible by the data-parallel "
                       f"device count {dp}; use a multiple of {dp}")
-    self.num_train_steps = int(t.num_train_steps)
-    if self.num_train_steps < 1:
-      raise UserError(f"training.num_train_steps={t.num_train_steps} must be positive")
+    if int(t.num_train_steps) <= 0 and not t.get("num_epochs"):
+      raise UserError(f"training.num_train_steps={t.num_train_steps}: give a positive step count "
+                      "or training.num_epochs")
 
   # -- setup ----------------------------------------------------------------------------------------------
   def setup(self) -> None:
     """Load data and build abstract model + shardings. Raises UserError before anything is written."""
     self.task.prepare()
-    cfg = self.config
+    cfg, t = self.config, self.config.training
+    self.source = self.task.train_source()
+    if int(t.num_train_steps) > 0:
+      self.num_train_steps = int(t.num_train_steps)
+    else:  # fine-tuning recipes count epochs
+      self.num_train_steps = max(1, int(np.ceil(t.num_epochs * self.source.steps_per_epoch)))
+    self.eval_every = int(t.eval_every_steps) if t.eval_every_steps > 0 else self.source.steps_per_epoch
     abstract = nnx.eval_shape(lambda: self.task.build_model(nnx.Rngs(cfg.seed)))
     self.graphdef = nnx.graphdef(abstract)
     self.param_sh = sharding.param_shardings(abstract, self.mesh, self.rules)
@@ -161,6 +169,9 @@ class Trainer:
 
     self.eval_step = jax.jit(eval_step, in_shardings=(self.param_sh, self.eval_batch_sh),
                              out_shardings=self.repl)
+    if hasattr(task, "predict_step"):
+      self.predict_step = jax.jit(lambda params, batch: task.predict_step(nnx.merge(graphdef, params), batch),
+                                  in_shardings=(self.param_sh, self.eval_batch_sh))
 
   def put_batch(self, batch: Mapping[str, np.ndarray], train: bool = True) -> dict:
     """Host-local numpy batch -> global device arrays sharded over data x fsdp."""
@@ -171,7 +182,21 @@ class Trainer:
       sh = self.batch_sh if train else self.eval_batch_sh
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
+  def predict(self, params, batches) -> list[dict[str, np.ndarray]]:
+    """Run the task's predict_step over host batches; outputs come back as host numpy (all processes)."""
+    from jax.experimental import multihost_utils
+    out = []
+    for b in batches:
+      o = self.predict_step(params, self.put_batch(b, train=False))
+      o = multihost_utils.process_allgather(o, tiled=True) if jax.process_count() > 1 else jax.device_get(o)
+      out.append(o)
+    return out
+
   def evaluate(self, params) -> dict[str, float]:
+    """Task metrics from predictions when the task predicts (GLUE, NER, SQuAD), else averaged eval losses."""
+    if hasattr(self.task, "predict_step"):
+      batches = self.task.eval_batches()
+      return {k: float(v) for k, v in self.task.compute_metrics(self.predict(params, batches)).items()}
     acc = None
     for b in self.task.eval_batches():
       m = self.eval_step(params, self.put_batch(b, train=False))
@@ -180,12 +205,53 @@ class Trainer:
       return {}
     return {k: float(v) for k, v in acc.compute().items()}
 
+  def run_eval(self, params, step: int, writer) -> dict[str, float]:
+    m = self.evaluate(params)
+    m.update(self.task.eval_summary(m))
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in m.items()})
+    logging.info(mlib.progress_line(step, self.num_train_steps, m, None, prefix="eval"))
+    return m
+
+  # -- best checkpoint and early stopping -----------------------------------------------------------------
+  def track_best(self, params, step: int, metrics: Mapping[str, float]) -> bool:
+    """Keep the best params by the task's main metric in `<workdir>/best`; True when training should stop."""
+    name, t = getattr(self.task, "main_metric", ""), self.config.training
+    if not name or name not in metrics or not t.get("keep_best", True):
+      return False
+    value, best = float(metrics[name]), dict(self.best)
+    improved = best.get("value") is None or value > best["value"]
+    if improved:
+      best.update(value=value, step=step, bad_evals=0)
+      if self.best_mngr is None:
+        self.best_mngr = checkpoint.manager(os.path.join(self.workdir, "best"), max_to_keep=1, async_save=False)
+      checkpoint.save(self.best_mngr, step, params, {}, {**self.meta(TrainState(step, None, None, jnp.zeros(2))),
+                                                          "best": best}, force=True)
+      self.best_mngr.wait_until_finished()
+    else:
+      best["bad_evals"] = best.get("bad_evals", 0) + 1
+    patience = int(t.get("early_stopping_patience", 0) or 0)
+    best["stopped"] = bool(patience and best["bad_evals"] >= patience)
+    self.best = best
+    return best["stopped"]
+
+  def restore_best(self):
+    """The best params (sharded like the live ones) for predictions after training."""
+    import orbax.checkpoint as ocp
+    if self.best_mngr is None:
+      self.best_mngr = checkpoint.manager(os.path.join(self.workdir, "best"), max_to_keep=1, async_save=False)
+    step = self.best_mngr.latest_step()
+    r = self.best_mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(self.abstract_params)))
+    logging.info("using the best checkpoint (step %d, %s %.4f) for predictions", step, self.task.main_metric,
+                 self.best["value"])
+    return r["params"]
+
   # -- checkpoints ----------------------------------------------------------------------------------------
   def meta(self, state: TrainState) -> dict:
     return checkpoint.model_meta(self.task.model_config, self.task.head, step=state.step, task=self.task.name,
                                  rng=[int(x) for x in np.asarray(state.rng).ravel()],
                                  data={"next_step": state.step, "seed": self.config.seed,
                                        "global_batch_size": self.config.training.global_batch_size},
+                                 best=self.best,
                                  **self.task.checkpoint_meta())
 
   def check_compatible(self, mngr) -> None:
@@ -214,17 +280,16 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     raise UserError(f"--workdir {workdir} is a file; pass a folder")
   trainer = Trainer(config, workdir)
   trainer.setup()  # all validation and data loading; nothing written to workdir yet
-  t = config.training
+  t, task = config.training, trainer.task
   ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
-  had_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
-  if had_ckpt:
+  if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
     probe = checkpoint.manager(workdir, t.keep_checkpoints, async_save=False)
     trainer.check_compatible(probe)
     probe.close()
 
   os.makedirs(workdir, exist_ok=True)
-  trainer.task.save_assets(workdir)
   if jax.process_index() == 0:
+    task.save_assets(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   mngr = checkpoint.manager(workdir, t.keep_checkpoints, t.checkpoint_every_steps, t.async_checkpointing)
@@ -232,6 +297,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   if latest is not None:
     params, opt_state, meta = checkpoint.restore(mngr, latest, trainer.abstract_params, trainer.abstract_opt)
     state = TrainState(int(meta["step"]), params, opt_state, jnp.asarray(meta["rng"], jnp.uint32))
+    trainer.best = meta.get("best", trainer.best)
     logging.info("Resuming from checkpoint at step %d (%s)", state.step, os.path.join(ckpt_dir, str(latest)))
   else:
     state = trainer.init_state()
@@ -242,54 +308,59 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     from clu import parameter_overview
     logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(
         jax.tree_util.tree_map(np.asarray, state.params)))
-    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
-  report = periodic_actions.ReportProgress(num_train_steps=trainer.num_train_steps, writer=writer,
-                                           every_steps=t.log_every_steps)
-  source = trainer.task.train_source()
+    writer.write_hparams(_flat(config.to_dict()))
+  n_steps = trainer.num_train_steps
+  report = periodic_actions.ReportProgress(num_train_steps=n_steps, writer=writer, every_steps=t.log_every_steps)
   tokens_per_step = t.global_batch_size * config.data.get("max_seq_length", 0)
-  batches = prefetch((source.batch(s) for s in range(state.step, trainer.num_train_steps)),
-                     trainer.put_batch, size=int(config.data.get("prefetch", 2)))
-  logging.info("training steps %d -> %d (%d steps per epoch, global batch %d, mesh %s)", state.step,
-               trainer.num_train_steps, source.steps_per_epoch, t.global_batch_size, dict(trainer.mesh.shape))
+  batches = prefetch((trainer.source.batch(s) for s in range(state.step, n_steps)), trainer.put_batch,
+                     size=int(config.data.get("prefetch", 2)))
+  logging.info("training steps %d -> %d (%d steps per epoch, global batch %d, mesh %s)", state.step, n_steps,
+               trainer.source.steps_per_epoch, t.global_batch_size, dict(trainer.mesh.shape))
   eval_metrics: dict[str, float] = {}
   acc, t0, s0 = None, time.time(), state.step
   params, opt_state = state.params, state.opt_state
-  step = state.step
-  for step in range(state.step, trainer.num_train_steps):
+  stop = trainer.best.get("stopped", False)
+  for step in range(state.step, n_steps if not stop else state.step):
     batch = next(batches)
     params, opt_state, m = trainer.train_step(params, opt_state, batch, np.int32(step), state.rng)
     acc = m if acc is None else acc.merge(m)
     done = step + 1
     report(done)
-    if done % t.log_every_steps == 0 or done == trainer.num_train_steps:
-      scalars = {k: float(v) for k, v in acc.compute().items()}  # host sync only here
-      dt = time.time() - t0
-      tps = tokens_per_step * (done - s0) / max(dt, 1e-9)
+    if done % t.log_every_steps == 0 or done == n_steps:
+      scalars = {k: float(v) for k, v in acc.compute().items()}  # host sync only at logging intervals
+      tps = tokens_per_step * (done - s0) / max(time.time() - t0, 1e-9)
       writer.write_scalars(done, {**{f"train/{k}": v for k, v in scalars.items()}, "train/tokens_per_s": tps})
-      logging.info(mlib.progress_line(done, trainer.num_train_steps, scalars, tps))
+      logging.info(mlib.progress_line(done, n_steps, scalars, tps))
       acc, t0, s0 = None, time.time(), done
-    if done % t.eval_every_steps == 0 or done == trainer.num_train_steps:
-      eval_metrics = trainer.evaluate(params)
-      eval_metrics.update(trainer.task.eval_summary(eval_metrics))
-      writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
-      logging.info(mlib.progress_line(done, trainer.num_train_steps, eval_metrics, None, prefix="eval"))
+    if done % trainer.eval_every == 0 or done == n_steps:
+      eval_metrics = trainer.run_eval(params, done, writer)
+      stop = trainer.track_best(params, done, eval_metrics)
     state = TrainState(done, params, opt_state, state.rng)
-    checkpoint.save(mngr, done, params, opt_state, trainer.meta(state), force=done == trainer.num_train_steps)
-  if state.step >= trainer.num_train_steps and not eval_metrics:
-    logging.info("checkpoint step %d already reaches training.num_train_steps=%d; evaluating only",
-                 state.step, trainer.num_train_steps)
-    eval_metrics = trainer.evaluate(params)
-    eval_metrics.update(trainer.task.eval_summary(eval_metrics))
-    logging.info(mlib.progress_line(state.step, trainer.num_train_steps, eval_metrics, None, prefix="eval"))
+    checkpoint.save(mngr, done, params, opt_state, trainer.meta(state), force=done == n_steps or stop)
+    if stop:
+      logging.info("early stopping at step %d: no %s improvement in %d evaluations (best %.4f at step %d)",
+                   done, task.main_metric, t.early_stopping_patience, trainer.best["value"], trainer.best["step"])
+      break
   batches.close()
+  if not eval_metrics:
+    logging.info("checkpoint step %d already reaches the end of training (%d steps); evaluating only",
+                 state.step, n_steps)
+    eval_metrics = trainer.run_eval(params, state.step, writer)
   mngr.wait_until_finished()
   mngr.close()
+  final = dict(eval_metrics)
+  if trainer.best.get("step") is not None and getattr(task, "main_metric", ""):
+    final.update({f"best_{task.main_metric}": trainer.best["value"], "best_step": trainer.best["step"]})
+    if trainer.best["step"] != state.step:
+      params = trainer.restore_best()
+  if hasattr(task, "finalize"):
+    final.update(task.finalize(lambda batches: trainer.predict(params, batches), workdir) or {})
   writer.flush()
   writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
-      json.dump({"step": state.step, **eval_metrics}, f, indent=2)
-  return eval_metrics
+      json.dump({"step": state.step, **final}, f, indent=2)
+  return final
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict:
