@@ -38,7 +38,12 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every_steps = 500
   t.keep_checkpoints = 3
   t.async_checkpointing = True
-  t.freeze = []  # regexes over parameter paths, e.g. ["^bert/embeddings/", "^bert/encoder/layer/[0-3]/"]
+  t.freeze = []  # regexes over '/'-joined parameter paths that get no updates
+  t.freeze_embeddings = False
+  t.freeze_layers = 0  # freeze the first k encoder layers
+  t.num_epochs = 0.0  # used when num_train_steps <= 0
+  t.early_stopping_patience = 0  # evaluations without main-metric improvement before stopping (0 = off)
+  t.keep_best = True  # keep the best checkpoint by the task's main metric in <workdir>/best
 
   o = config.optimizer = ml_collections.ConfigDict()
   o.name = "adamw"  # adamw | lamb

@@ -8,6 +8,9 @@ from bertjax.errors import UserError
 
 TASKS = {
     "pretraining": "bertjax.tasks.pretraining:PretrainingTask",
+    "glue": "bertjax.tasks.glue:GlueTask",
+    "ner": "bertjax.tasks.ner:NerTask",
+    "squad": "bertjax.tasks.squad:SquadTask",
 }
 
 

@@ -83,7 +83,7 @@ class Trainer:
     self.abstract_params = jax.tree_util.tree_map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
         nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), self.param_sh)
-    frozen = list(cfg.training.get("freeze", []) or [])
+    frozen = freeze_patterns(cfg.training)
     self.tx, self.schedule = optim.make(cfg.optimizer, self.abstract_params, self.num_train_steps, frozen)
     abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
     self.opt_sh = sharding.opt_state_shardings(self.tx, abstract_opt, self.param_sh, self.mesh)
@@ -361,6 +361,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
       json.dump({"step": state.step, **final}, f, indent=2)
   return final
+
+
+def freeze_patterns(t: ConfigDict) -> list[str]:
+  """Regexes over '/'-joined parameter paths that receive no updates."""
+  patterns = list(t.get("freeze", []) or [])
+  if t.get("freeze_embeddings"):
+    patterns.append(r"^bert/embeddings/")
+  k = int(t.get("freeze_layers", 0) or 0)
+  if k > 0:
+    patterns.append(r"^bert/encoder/layer/(%s)/" % "|".join(str(i) for i in range(k)))
+  return patterns
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict:
