@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   d = config.data = ml_collections.ConfigDict()
   d.cache_dir = ""  # default: $BERTJAX_CACHE or ~/.cache/bertjax
-  d.num_proc = 2  # tokenization workers (datasets.map)
+  d.num_proc = 1  # datasets.map worker processes; 1 = in-process (encode_batch already uses every core)
   d.prefetch = 2  # batches kept ready on device
   d.max_seq_length = 128
 

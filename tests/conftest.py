@@ -32,3 +32,14 @@ def bbc_tokenizer(cache_dir):
   from bertjax.data import corpus, tokenizer
   docs = corpus.load_documents("bbc_news", cache_dir)
   return tokenizer.train((t for t in docs["text"]), 3000), docs
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, cache_dir):
+  """200 BBC News articles written as local .txt files (one document per file)."""
+  from bertjax.data import corpus
+  docs = corpus.load_documents("bbc_news", cache_dir)
+  folder = tmp_path_factory.mktemp("corpus")
+  for i in range(0, 2225, 11):
+    (folder / f"{i:04d}.txt").write_text(docs[i]["text"])
+  return str(folder)

@@ -11,17 +11,6 @@ from bertjax.train import checkpoint
 from bertjax.train.trainer import Trainer, train_and_evaluate
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory, cache_dir):
-  """200 BBC News articles written as local .txt files (one document per file)."""
-  from bertjax.data import corpus
-  docs = corpus.load_documents("bbc_news", cache_dir)
-  folder = tmp_path_factory.mktemp("corpus")
-  for i in range(0, 2225, 11):
-    (folder / f"{i:04d}.txt").write_text(docs[i]["text"])
-  return str(folder)
-
-
 def tiny_config(corpus, cache_dir, **training):
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))

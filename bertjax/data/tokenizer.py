@@ -38,6 +38,8 @@ def load(path: str, lowercase: bool = True) -> Tokenizer:
     lower = _config_lowercase(os.path.dirname(path), lowercase)
     tok = BertWordPieceTokenizer(path, lowercase=lower)._tokenizer
   check_special_tokens(tok, path)
+  tok.no_padding()  # some published tokenizer.json files pad/truncate every encode; bertjax packs itself
+  tok.no_truncation()
   return tok
 
 

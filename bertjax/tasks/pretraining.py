@@ -48,7 +48,7 @@ class PretrainingTask:
     fp = toklib.fingerprint(self.tok)
     pair_cfg = pt.PairConfig(d.max_seq_length, d.short_seq_prob, d.nsp_probability, c.seed)
     cls_id, sep_id = self.tok.token_to_id("[CLS]"), self.tok.token_to_id("[SEP]")
-    train_tok = pt.tokenize_documents(train_docs, self.tok, fp, d.num_proc or None)
+    train_tok = pt.tokenize_documents(train_docs, self.tok, fp, d.num_proc if d.num_proc > 1 else None)
     eval_tok = pt.tokenize_documents(split["test"], self.tok, fp, None)
     self.train_pairs = pt.create_pairs(train_tok, cls_id, sep_id, pair_cfg, self.cache_dir)
     self.eval_pairs = pt.create_pairs(eval_tok, cls_id, sep_id, dataclasses.replace(pair_cfg, seed=c.seed + 1),

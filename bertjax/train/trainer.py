@@ -292,7 +292,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     task.save_assets(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  mngr = checkpoint.manager(workdir, t.keep_checkpoints, t.checkpoint_every_steps, t.async_checkpointing)
+  mngr = checkpoint.manager(workdir, t.keep_checkpoints, async_save=t.async_checkpointing)
   latest = mngr.latest_step()
   if latest is not None:
     params, opt_state, meta = checkpoint.restore(mngr, latest, trainer.abstract_params, trainer.abstract_opt)
@@ -336,7 +336,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
       eval_metrics = trainer.run_eval(params, done, writer)
       stop = trainer.track_best(params, done, eval_metrics)
     state = TrainState(done, params, opt_state, state.rng)
-    checkpoint.save(mngr, done, params, opt_state, trainer.meta(state), force=done == n_steps or stop)
+    if done % t.checkpoint_every_steps == 0 or done == n_steps or stop:
+      checkpoint.save(mngr, done, params, opt_state, trainer.meta(state), force=True)
     if stop:
       logging.info("early stopping at step %d: no %s improvement in %d evaluations (best %.4f at step %d)",
                    done, task.main_metric, t.early_stopping_patience, trainer.best["value"], trainer.best["step"])
