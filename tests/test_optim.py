@@ -1,0 +1,91 @@
+"""Optimizer pieces: schedules, the weight-decay mask, freezing, LAMB, and gradient accumulation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from bertjax.config import base_config
+from bertjax.errors import UserError
+from bertjax.train import optim
+from bertjax.train.trainer import Trainer, freeze_patterns
+
+
+def params():
+  return {"bert": {"embeddings": {"LayerNorm": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+                                  "word_embeddings": {"embedding": jnp.ones((8, 4))}},
+                   "encoder": {"layer": {0: {"output": {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}},
+                                         1: {"output": {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}}}}}}
+
+
+def opt_cfg(**kw) -> ConfigDict:
+  c = base_config().optimizer
+  c.update(kw)
+  return c
+
+
+def test_warmup_then_linear_or_polynomial_decay():
+  s = optim.schedule(opt_cfg(learning_rate=1.0, warmup_steps=10, schedule="linear"), 110)
+  np.testing.assert_allclose([s(0), s(5), s(10), s(60), s(110)], [0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+  p = optim.schedule(opt_cfg(learning_rate=1.0, warmup_steps=10, schedule="polynomial", power=2.0), 110)
+  np.testing.assert_allclose([p(10), p(60), p(110)], [1.0, 0.25, 0.0], atol=1e-6)
+  f = optim.schedule(opt_cfg(learning_rate=1.0, warmup_fraction=0.1, schedule="linear"), 200)
+  np.testing.assert_allclose([f(10), f(20)], [0.5, 1.0], atol=1e-6)
+  with pytest.raises(UserError, match="schedule"):
+    optim.schedule(opt_cfg(schedule="cosine-ish"), 10)
+
+
+def test_no_weight_decay_on_layernorm_and_biases():
+  mask = optim.decay_mask(params())
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
+  decayed = sorted(k for k, v in flat.items() if v)
+  assert decayed == ["['bert']['embeddings']['word_embeddings']['embedding']",
+                     "['bert']['encoder']['layer'][0]['output']['dense']['kernel']",
+                     "['bert']['encoder']['layer'][1]['output']['dense']['kernel']"]
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_zero_gradient_moves_only_decayed_weights(name):
+  p = params()
+  tx, _ = optim.make(opt_cfg(name=name, learning_rate=0.1, weight_decay=0.5, warmup_steps=0), p, 100)
+  zero = jax.tree_util.tree_map(jnp.zeros_like, p)
+  updates, _ = tx.update(zero, tx.init(p), p)
+  assert float(jnp.abs(updates["bert"]["embeddings"]["LayerNorm"]["scale"]).max()) == 0.0
+  assert float(jnp.abs(updates["bert"]["encoder"]["layer"][0]["output"]["dense"]["bias"]).max()) == 0.0
+  assert float(jnp.abs(updates["bert"]["encoder"]["layer"][0]["output"]["dense"]["kernel"]).max()) > 0.0
+
+
+def test_freezing_embeddings_and_first_layers():
+  t = base_config().training
+  t.freeze_embeddings, t.freeze_layers = True, 1
+  p = params()
+  tx, _ = optim.make(opt_cfg(learning_rate=0.1, warmup_steps=0), p, 100, freeze_patterns(t))
+  ones = jax.tree_util.tree_map(jnp.ones_like, p)
+  updates, _ = tx.update(ones, tx.init(p), p)
+  assert float(jnp.abs(updates["bert"]["embeddings"]["word_embeddings"]["embedding"]).max()) == 0.0
+  assert float(jnp.abs(updates["bert"]["encoder"]["layer"][0]["output"]["dense"]["kernel"]).max()) == 0.0
+  assert float(jnp.abs(updates["bert"]["encoder"]["layer"][1]["output"]["dense"]["kernel"]).max()) > 0.0
+
+
+def test_gradient_accumulation_matches_one_big_batch(small_corpus, cache_dir, tmp_path):
+  from test_trainer import tiny_config
+  results = []
+  for accum in (1, 4):
+    c = tiny_config(small_corpus, cache_dir, grad_accum_steps=accum, global_batch_size=32)
+    c.model.hidden_dropout_prob = c.model.attention_probs_dropout_prob = 0.0
+    c.optimizer.max_grad_norm = 0.0
+    tr = Trainer(c, str(tmp_path / str(accum)))
+    tr.setup()
+    st = tr.init_state()
+    b = tr.put_batch(tr.task.train_source().batch(0))
+    p, _, m = tr.train_step(st.params, st.opt_state, b, np.int32(0), st.rng)
+    results.append((jax.tree_util.tree_map(np.asarray, p), m.compute()))
+  (p1, m1), (p4, m4) = results
+  # Each micro-batch normalises its MLM loss by its own masked-token count, so the accumulated gradient is
+  # the mean of 4 micro-batch gradients: equal to the big-batch gradient up to that weighting.
+  assert abs(float(m1["nsp_loss"]) - float(m4["nsp_loss"])) < 1e-4
+  assert abs(float(m1["mlm_loss"]) - float(m4["mlm_loss"])) < 1e-4
+  diffs = [np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p4))]
+  assert max(diffs) < 2e-4, max(diffs)
