@@ -120,8 +120,7 @@ class Trainer:
     else:
       loaded, report = hf.init_from_hf(host, cfg.init_from_hf)
       source = cfg.init_from_hf
-    logging.info("initialised from %s; fresh (not in the source): %s; unused source keys: %s", source,
-                 report.get("fresh", []), report.get("unused", []))
+    logging.info("initialised from %s:\n  %s", source, "\n  ".join(report.lines()))
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), loaded, self.param_sh)
 
   # -- steps ----------------------------------------------------------------------------------------------
