@@ -32,9 +32,10 @@ def manager(workdir: str, max_to_keep: int = 3, save_interval_steps: int = 1,
 def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any, meta: Mapping[str, Any],
          force: bool = False) -> bool:
   """Save (asynchronously when the manager is async); returns whether a save was started."""
-  args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                            meta=ocp.args.JsonSave(dict(meta)))
-  return mngr.save(step, args=args, force=force)
+  items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(dict(meta))}
+  if jax.tree_util.tree_leaves(opt_state):  # best-checkpoint saves carry params only
+    items["opt_state"] = ocp.args.StandardSave(opt_state)
+  return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_params: Any, abstract_opt_state: Any):

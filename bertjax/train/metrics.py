@@ -47,8 +47,8 @@ def from_outputs(values: Mapping[str, tuple]) -> clu_metrics.Collection:
 
 def progress_line(step: int, total: int, scalars: Mapping[str, float], tokens_per_s: float | None,
                   prefix: str = "train") -> str:
-  keys = [k for k in ("loss", "mlm_accuracy", "nsp_accuracy", "accuracy", "learning_rate") if k in scalars]
-  keys += sorted(k for k in scalars if k not in keys and k in ("mlm_loss", "nsp_loss", "grad_norm"))
+  first = ("loss", "mlm_accuracy", "nsp_accuracy", "accuracy", "f1", "exact", "learning_rate")
+  keys = [k for k in first if k in scalars] + sorted(k for k in scalars if k not in first)
   parts = [f"{prefix} step {step}/{total}"]
   for k in keys:
     v = float(scalars[k])

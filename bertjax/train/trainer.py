@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from clu import metric_writers, periodic_actions
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -302,6 +301,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
     state = trainer.init_state()
     logging.info("Starting fresh at step 0 (no checkpoint in %s)", ckpt_dir)
 
+  from clu import metric_writers, periodic_actions  # imports TensorFlow: only once the inputs are known good
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if state.step == 0 and jax.process_index() == 0:
     from clu import parameter_overview
