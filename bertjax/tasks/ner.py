@@ -1,0 +1,307 @@
+"""Named-entity recognition (CoNLL-2003 style) as token classification on each word's first sub-token.
+
+Data: `data.train_file` / `dev_file` / `test_file`, or `data.data_dir` holding train.txt, dev.txt and an
+optional test.txt, or else the hub dataset `data.hub_dataset`. The label list comes from the training file
+(kept in the checkpoint meta). After training the best model's tags are written as `token gold pred` lines
+to `<workdir>/predictions/{dev,test}.txt` (conlleval's input).
+
+The helpers at the top (tokenizer, feature cache, process sharding, prediction rows) are shared with SQuAD.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from bertjax.data import corpus, loader, ner, tokenizer as toklib
+from bertjax.errors import UserError
+from bertjax.models.heads import BertForTokenClassification
+from bertjax.tasks import common, metrics
+
+MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+# -- helpers shared by the fine-tuning tasks ------------------------------------------------------------------
+
+
+def load_tokenizer(config: ConfigDict, workdir: str) -> tuple[Any, str]:
+  """The workdir's saved tokenizer (resume), else `data.tokenizer`, else the init checkpoint's."""
+  saved = os.path.join(workdir, "tokenizer", "tokenizer.json")
+  if os.path.exists(saved):  # never change the vocabulary under a checkpoint
+    return toklib.load(saved), saved
+  d = config.data
+  src = d.get("tokenizer") or common.pretrained_tokenizer_dir(config)
+  if not src:
+    raise UserError("no tokenizer: set config.data.tokenizer (vocab.txt, tokenizer.json or HF folder), or "
+                    "config.init_from_hf / config.init_checkpoint, which bring their own")
+  return toklib.load(src, bool(d.get("lowercase", True))), src
+
+
+def save_tokenizer(tok: Any, source: str, workdir: str, lowercase: bool, model_max_length: int) -> None:
+  """`<workdir>/tokenizer/` as HF files: the source folder's own files when it is a folder."""
+  folder = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(folder, "tokenizer.json")):
+    return
+  if os.path.isdir(source):
+    from bertjax.convert import hf
+    hf.export_tokenizer(source, folder, model_max_length)
+  else:
+    lower = getattr(tok.normalizer, "lowercase", lowercase)
+    toklib.save(tok, folder, bool(lower), model_max_length)
+
+
+def file_key(path: str) -> str:
+  """Cache-key part naming one file's exact contents cheaply (path, mtime, size)."""
+  st = os.stat(path)
+  return f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}"
+
+
+def cached_arrays(cache_dir: str, kind: str, key: str, build: Callable[[], dict]) -> dict[str, np.ndarray]:
+  """`build()` once per key, kept as `<cache_dir>/<kind>/<hash>.npz` (an unwritable cache only warns)."""
+  path = os.path.join(cache_dir, kind, hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
+  if os.path.exists(path):
+    try:
+      with np.load(path) as z:
+        return dict(z)
+    except (OSError, ValueError) as e:  # truncated / corrupt: rebuild
+      logging.warning("ignoring unreadable cache file %s (%s)", path, e)
+  out = build()
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.warning("could not cache features in %s (%s)", path, e)
+  return out
+
+
+def shard_rows(arrays: Mapping[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
+  """This process's rows (strided, equal counts on every process so all run the same steps)."""
+  if count == 1:
+    return dict(arrays)
+  n = len(next(iter(arrays.values()))) // count
+  return {k: v[index::count][:n] for k, v in arrays.items()}
+
+
+def valid_rows(outputs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Concatenate predict outputs and drop the eval padding rows (`example_weights == 0`)."""
+  if not outputs:
+    return {}
+  cat = {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
+  keep = cat.pop("example_weights") > 0
+  return {k: v[keep] for k, v in cat.items()}
+
+
+def checkpoint_meta_of(workdir: str) -> dict:
+  """The `meta` of the workdir's latest checkpoint ({} when there is none)."""
+  steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
+           if os.path.basename(p).isdigit()]
+  if not steps:
+    return {}
+  path = os.path.join(workdir, "checkpoints", str(max(steps)), "meta", "metadata")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def cache_dir_of(config: ConfigDict) -> str:
+  return config.data.get("cache_dir") or corpus.default_cache_dir()
+
+
+# -- the task ----------------------------------------------------------------------------------------------
+
+
+class NerTask:
+  name = "ner"
+  head = "token_classification"
+  main_metric = "f1"
+
+  def __init__(self, config: ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.tok, self.tok_source = None, ""
+    self.sentences: dict[str, list[ner.NerSentence]] = {}
+    self.features: dict[str, dict[str, np.ndarray]] = {}
+
+  # -- data ---------------------------------------------------------------------------------------------
+  def _files(self) -> dict[str, str] | None:
+    """{split: path} of the local CoNLL files, or None for the hub dataset."""
+    d = self.config.data
+    if d.get("train_file") or d.get("dev_file"):
+      if not (d.get("train_file") and d.get("dev_file")):
+        raise UserError("set both config.data.train_file and config.data.dev_file (CoNLL files)")
+      files = {"train": d.train_file, "dev": d.dev_file}
+      if d.get("test_file"):
+        files["test"] = d.test_file
+      return files
+    if d.get("data_dir"):
+      files = {s: os.path.join(d.data_dir, f"{s}.txt") for s in ("train", "dev", "test")}
+      if not os.path.isfile(files["test"]):
+        del files["test"]
+      return files
+    return None
+
+  def _read(self) -> tuple[dict[str, list[ner.NerSentence]], list[str], dict[str, str]]:
+    files = self._files()
+    if files is None:
+      name = self.config.data.get("hub_dataset") or "eriktks/conll2003"
+      sents = {s: _hub_sentences(name, s) for s in ("train", "dev", "test")}
+      return sents, ner.label_list_from(sents["train"]), {s: f"hub:{name}:{s}" for s in sents}
+    train = ner.read_conll(files["train"])
+    if not train:
+      raise UserError(f"{files['train']}: no sentences; expected 'token TAG' lines")
+    labels = ner.label_list_from(train)
+    sents = {"train": train}
+    for split in ("dev", "test"):
+      if split in files:
+        sents[split] = ner.read_conll(files[split], labels)
+    if not sents["dev"]:
+      raise UserError(f"{files['dev']}: no sentences; expected 'token TAG' lines")
+    return sents, labels, {s: file_key(p) for s, p in files.items()}
+
+  def _resume_labels(self, labels: list[str]) -> list[str]:
+    """A resumed run keeps the checkpoint's label order; a training file with other tags is refused."""
+    old = checkpoint_meta_of(self.workdir).get("label_names")
+    if not old:
+      return labels
+    if not set(labels) <= set(old):
+      raise UserError(f"workdir {self.workdir} holds a checkpoint with labels {old}, but the training file "
+                      f"has tags {sorted(set(labels) - set(old))} it lacks; use a new --workdir")
+    return list(old)
+
+  def prepare(self) -> None:
+    c, d = self.config, self.config.data
+    common.check_seq_length(c)
+    sents, labels, keys = self._read()
+    self.label_names = self._resume_labels(labels)
+    limits = {"train": int(d.get("max_train_examples", 0) or 0), "dev": int(d.get("max_eval_examples", 0) or 0)}
+    self.sentences = {s: v[:limits[s]] if limits.get(s) else v for s, v in sents.items()}
+    self.tok, self.tok_source = load_tokenizer(c, self.workdir)
+    self.model_config = common.model_config(c, vocab_size=self.tok.get_vocab_size(), tokenizer=self.tok)
+    fp = toklib.fingerprint(self.tok)
+    to_id = {t: i for i, t in enumerate(self.label_names)}
+    for split, sentences in self.sentences.items():
+      key = f"ner-v1|{keys[split]}|{fp}|{d.max_seq_length}|{self.label_names}|{len(sentences)}"
+      self.features[split] = cached_arrays(cache_dir_of(c), "ner", key, lambda s=sentences: ner.convert_examples(
+          s, self.tok, d.max_seq_length, to_id))
+      n_words = sum(len(s.tokens) for s in sentences)
+      cut = n_words - int((self.features[split]["word_index"] >= 0).sum())
+      logging.info("NER %s: %d sentences, %d words (%d past max_seq_length=%d, predicted 'O')", split,
+                   len(sentences), n_words, cut, d.max_seq_length)
+    logging.info("NER labels %s; tokenizer %s (%d tokens)", self.label_names, self.tok_source,
+                 self.tok.get_vocab_size())
+
+  def _model_arrays(self, split: str) -> dict[str, np.ndarray]:
+    return {k: self.features[split][k] for k in (*MODEL_KEYS, "labels")}
+
+  def train_source(self) -> loader.BatchSource:
+    c = self.config
+    rows = shard_rows(self._model_arrays("train"), jax.process_index(), jax.process_count())
+    return loader.BatchSource(rows, c.training.global_batch_size, c.seed, jax.process_index(),
+                              jax.process_count())
+
+  def _batches(self, split: str) -> list[loader.Batch]:
+    c = self.config
+    return loader.eval_batches(self._model_arrays(split), c.training.eval_batch_size, None, c.seed,
+                               jax.process_index(), jax.process_count())
+
+  def eval_batches(self) -> list[loader.Batch]:
+    if not hasattr(self, "_eval"):
+      self._eval = self._batches("dev")
+    return self._eval
+
+  # -- model ----------------------------------------------------------------------------------------------
+  @property
+  def num_labels(self) -> int:
+    return len(self.label_names)
+
+  def build_model(self, rngs: nnx.Rngs) -> BertForTokenClassification:
+    return BertForTokenClassification(self.model_config, self.num_labels, rngs)
+
+  @staticmethod
+  def _token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token cross-entropy, correctness and weight (0 where the label is ignored)."""
+    w = (labels != ner.IGNORE_INDEX).astype(jnp.float32)
+    safe = jnp.where(labels != ner.IGNORE_INDEX, labels, 0)
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe) * w
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * w
+    return xent, correct, w
+
+  def loss_fn(self, model, batch, rngs, deterministic):
+    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                   deterministic=deterministic, rngs=rngs)
+    xent, correct, w = self._token_losses(logits, batch["labels"])
+    n = jnp.sum(w)
+    loss = jnp.sum(xent) / jnp.maximum(n, 1.0)
+    return loss, {"loss": (jnp.sum(xent), n), "accuracy": (jnp.sum(correct), n)}
+
+  def predict_step(self, model, batch) -> dict[str, jax.Array]:
+    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=True)
+    xent, correct, w = self._token_losses(logits, batch["labels"])
+    return {"predictions": jnp.argmax(logits, -1).astype(jnp.int32), "example_weights": batch["example_weights"],
+            "loss_sum": xent.sum(-1), "correct": correct.sum(-1), "count": w.sum(-1)}
+
+  # -- metrics and outputs --------------------------------------------------------------------------------
+  def _tags(self, split: str, rows: Mapping[str, np.ndarray]) -> list[list[str]]:
+    return ner.align_predictions(rows["predictions"], self.features[split]["word_index"], self.sentences[split],
+                                 self.label_names)
+
+  def _score(self, split: str, rows: Mapping[str, np.ndarray]) -> dict[str, float]:
+    m = metrics.ner_f1([s.tags for s in self.sentences[split]], self._tags(split, rows))
+    n = max(float(rows["count"].sum()), 1.0)
+    return {"precision": m["precision"], "recall": m["recall"], "f1": m["f1"],
+            "loss": float(rows["loss_sum"].sum()) / n, "accuracy": float(rows["correct"].sum()) / n}
+
+  def compute_metrics(self, outputs: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Entity-level precision / recall / F1 on the dev file (plus token loss and accuracy)."""
+    return self._score("dev", valid_rows(outputs))
+
+  def eval_summary(self, metrics_: Mapping[str, float]) -> Mapping[str, float]:
+    return {}
+
+  def save_assets(self, workdir: str) -> None:
+    save_tokenizer(self.tok, self.tok_source, workdir, bool(self.config.data.get("lowercase", False)),
+                   self.model_config.max_position_embeddings)
+
+  def checkpoint_meta(self) -> dict[str, Any]:
+    return {"num_labels": self.num_labels, "label_names": list(self.label_names)}
+
+  def finalize(self, predict: Callable, workdir: str) -> Mapping[str, float]:
+    """Writes `<workdir>/predictions/{dev,test}.txt` with the best params; returns the test scores."""
+    out: dict[str, float] = {}
+    for split in ("dev", "test"):
+      if split not in self.sentences:
+        continue
+      rows = valid_rows(predict(self.eval_batches() if split == "dev" else self._batches(split)))
+      if split == "test":
+        out.update({f"test_{k}": v for k, v in self._score(split, rows).items()})
+      if jax.process_index() == 0:
+        path = ner.write_conll(os.path.join(workdir, "predictions", f"{split}.txt"), self.sentences[split],
+                               self._tags(split, rows))
+        logging.info("wrote %s predictions to %s", split, path)
+    return out
+
+
+def _hub_sentences(name: str, split: str) -> list[ner.NerSentence]:
+  """A CoNLL-2003-layout hub dataset (tokens, ner_tags as ClassLabel) -> sentences (needs network/cache)."""
+  import datasets
+  try:
+    ds = datasets.load_dataset(name, split="validation" if split == "dev" else split)
+  except Exception as e:  # network, unknown dataset, offline cache miss
+    raise UserError(f"could not load the NER dataset {name!r} {split} from the hub ({type(e).__name__}); set "
+                    "config.data.data_dir to a folder with CoNLL train.txt / dev.txt") from None
+  names = ds.features["ner_tags"].feature.names
+  return [ner.NerSentence(list(r["tokens"]), [names[t] for t in r["ner_tags"]], f"{name}:{split}:{i}")
+          for i, r in enumerate(ds) if r["tokens"]]

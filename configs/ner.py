@@ -1,0 +1,45 @@
+"""Fine-tune BERT for named-entity recognition on CoNLL-2003 (the BERT paper's token-classification recipe).
+
+  python -m bertjax.main --config=configs/ner.py --config.data.data_dir=/data/conll2003
+The tokenizer comes with `init_from_hf` (cased BERT, as NER wants). Any BERT checkpoint works, e.g. a local
+HF folder: --config.init_from_hf=/path/to/model (its own vocab; an uncased one lowercases the words).
+Outputs: entity precision/recall/F1 every epoch, the best model in <workdir>/best, and
+`token gold pred` files for dev (and test) in <workdir>/predictions/.
+"""
+
+from bertjax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.task = "ner"
+  config.init_from_hf = "google-bert/bert-base-cased"
+  config.model.preset = ""  # architecture from the checkpoint
+
+  d = config.data
+  d.data_dir = ""  # folder with train.txt, dev.txt and optionally test.txt
+  d.train_file = ""  # or name the CoNLL files one by one (token ... TAG per line, blank line between sentences)
+  d.dev_file = ""
+  d.test_file = ""
+  d.hub_dataset = "eriktks/conll2003"  # used when no local files are given (needs network)
+  d.tokenizer = ""  # default: the init checkpoint's tokenizer
+  d.lowercase = False  # only for a bare vocab.txt without tokenizer_config.json
+  d.max_seq_length = 128
+  d.max_train_examples = 0  # first N training sentences (0 = all)
+  d.max_eval_examples = 0  # first N dev sentences (0 = all)
+
+  t = config.training
+  t.global_batch_size = 32
+  t.eval_batch_size = 64
+  t.num_train_steps = -1  # count epochs instead
+  t.num_epochs = 3.0
+  t.eval_every_steps = -1  # every epoch
+  t.log_every_steps = 50
+  t.checkpoint_every_steps = 500
+
+  o = config.optimizer
+  o.name = "adamw"
+  o.learning_rate = 5e-5
+  o.warmup_fraction = 0.1
+  o.weight_decay = 0.01
+  return config

@@ -1,0 +1,50 @@
+"""Fine-tune BERT for SQuAD v1.1 / v2.0 question answering (the BERT paper's span-extraction recipe).
+
+  python -m bertjax.main --config=configs/squad.py --config.data.data_dir=/data/squad            # v1.1
+  python -m bertjax.main --config=configs/squad.py --config.data.data_dir=/data/squad \
+      --config.data.version=2.0 --config.optimizer.learning_rate=5e-5 --config.training.global_batch_size=48
+`data_dir` holds train-v<version>.json and dev-v<version>.json (or set train_file / dev_file; with neither,
+the hub's squad / squad_v2 are used). Outputs: exact / F1 every epoch, the best model in <workdir>/best and
+<workdir>/predictions/predictions.json (+ null_odds.json for v2.0) for the official evaluation scripts.
+"""
+
+from bertjax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.task = "squad"
+  config.init_from_hf = "google-bert/bert-base-uncased"
+  config.model.preset = ""  # architecture from the checkpoint
+
+  d = config.data
+  d.version = "1.1"  # "1.1" | "2.0" (unanswerable questions, null odds)
+  d.data_dir = ""  # folder with train-v<version>.json and dev-v<version>.json
+  d.train_file = ""  # or name the SQuAD JSON files one by one
+  d.dev_file = ""
+  d.tokenizer = ""  # default: the init checkpoint's tokenizer
+  d.lowercase = True  # only for a bare vocab.txt without tokenizer_config.json
+  d.max_seq_length = 384
+  d.doc_stride = 128  # window starts advance by this many context tokens
+  d.max_query_length = 64
+  d.n_best_size = 20
+  d.max_answer_length = 30
+  d.null_score_diff_threshold = 0.0  # v2.0: answer "" when null score - best span score exceeds this
+  d.max_train_examples = 0  # first N training questions (0 = all)
+  d.max_eval_examples = 0  # first N dev questions (0 = all)
+
+  t = config.training
+  t.global_batch_size = 32
+  t.eval_batch_size = 64
+  t.num_train_steps = -1  # count epochs instead
+  t.num_epochs = 2.0
+  t.eval_every_steps = -1  # every epoch
+  t.log_every_steps = 50
+  t.checkpoint_every_steps = 1000
+
+  o = config.optimizer
+  o.name = "adamw"
+  o.learning_rate = 3e-5
+  o.warmup_fraction = 0.1
+  o.weight_decay = 0.01
+  return config
