@@ -1,6 +1,6 @@
 """BERT pretraining (masked LM + next-sentence prediction).
 
-The defaults train BERT-tiny (2 layers, hidden 128, a WordPiece vocabulary of 8,192 learnt from the corpus)
+The defaults train BERT-tiny (2 layers, hidden 128, a WordPiece vocabulary of 4,096 learnt from the corpus)
 on the embedded BBC News corpus in under 10 minutes on a 2-core laptop CPU. For real pretraining pick a bigger preset and corpus, e.g.
   --config.model.preset=base --config.data.corpus=/data/wiki/*.txt --config.data.sample_by=paragraph
   --config.data.tokenizer=/path/to/vocab.txt --config.training.global_batch_size=256
@@ -18,7 +18,7 @@ def get_config():
   d.text_column = "text"
   d.sample_by = "document"  # .txt files: one document per file ("document") or blank-line separated ("paragraph")
   d.tokenizer = ""  # vocab.txt / tokenizer.json / HF folder; empty: train WordPiece on the corpus
-  d.vocab_size = 8192  # when training a vocabulary
+  d.vocab_size = 4096  # when training a vocabulary (small corpus, small model)
   d.lowercase = True
   d.max_seq_length = 128
   d.short_seq_prob = 0.1
@@ -32,14 +32,14 @@ def get_config():
 
   config.model.preset = "tiny"
   t = config.training
-  t.global_batch_size = 64
+  t.global_batch_size = 16  # small batches, many updates: what a short CPU run learns most from
   t.eval_batch_size = 64
-  t.num_train_steps = 300
-  t.log_every_steps = 25
-  t.eval_every_steps = 150
-  t.checkpoint_every_steps = 100
+  t.num_train_steps = 1500
+  t.log_every_steps = 100
+  t.eval_every_steps = 750
+  t.checkpoint_every_steps = 500
 
   o = config.optimizer
   o.learning_rate = 2e-3  # high for BERT, right for a tiny model and a short schedule
-  o.warmup_steps = 30
+  o.warmup_steps = 150
   return config
