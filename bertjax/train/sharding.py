@@ -1,7 +1,7 @@
 """Mesh from config and logical-axis rules -> `NamedSharding`s (MaxText style).
 
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `mlp`, `norm`, None) set where they are
-created; `config.mesh.logical_axis_rules` maps each name to mesh axes. A dimension that the mapped mesh axes
+created; `config.mesh.logical_axis_rules` (defaults in `bertjax/config.py`) maps each name to mesh axes. A dimension that the mapped mesh axes
 do not divide evenly is replicated instead (e.g. an odd vocabulary on `tensor`).
 """
 
@@ -20,14 +20,6 @@ from bertjax.errors import UserError
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("norm", None),
-)
 
 
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
