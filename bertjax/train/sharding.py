@@ -21,7 +21,6 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh over all devices with axes (data, fsdp, tensor); one size may be -1 (the rest of the devices)."""
   devices = list(devices if devices is not None else jax.devices())
