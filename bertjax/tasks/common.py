@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
+
+import numpy as np
 
 from ml_collections import ConfigDict
 
@@ -82,3 +84,11 @@ def pretrained_tokenizer_dir(config: ConfigDict) -> str | None:
     from bertjax.convert import hf
     return hf.tokenizer_dir(config.init_from_hf)
   return None
+
+
+def shard_rows(arrays: Mapping[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
+  """This process's rows (strided, equal counts on every process so all run the same steps)."""
+  if count == 1:
+    return dict(arrays)
+  n = len(next(iter(arrays.values()))) // count
+  return {k: v[index::count][:n] for k, v in arrays.items()}

@@ -28,6 +28,7 @@ from bertjax.data import corpus, loader, ner, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForTokenClassification
 from bertjax.tasks import common, metrics
+from bertjax.tasks.common import shard_rows
 
 MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -84,14 +85,6 @@ def cached_arrays(cache_dir: str, kind: str, key: str, build: Callable[[], dict]
   except OSError as e:
     logging.warning("could not cache features in %s (%s)", path, e)
   return out
-
-
-def shard_rows(arrays: Mapping[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
-  """This process's rows (strided, equal counts on every process so all run the same steps)."""
-  if count == 1:
-    return dict(arrays)
-  n = len(next(iter(arrays.values()))) // count
-  return {k: v[index::count][:n] for k, v in arrays.items()}
 
 
 def valid_rows(outputs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
