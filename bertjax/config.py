@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_best = True  # keep the best checkpoint by the task's main metric in <workdir>/best
 
   o = config.optimizer = ml_collections.ConfigDict()
-  o.name = "adamw"  # adamw | lamb
+  o.name = "adamw"  # adamw | lamb | sgd
   o.learning_rate = 1e-4
   o.schedule = "linear"  # linear | polynomial | constant (after warmup)
   o.warmup_steps = 0

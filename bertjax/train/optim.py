@@ -1,4 +1,4 @@
-"""optax optimizers for BERT: AdamW (default) or LAMB, warmup + linear/polynomial decay, no weight decay on
+"""optax optimizers for BERT: AdamW (default), LAMB or SGD (momentum `b1`), warmup + linear/polynomial decay, no weight decay on
 LayerNorm and biases, global-norm clipping, optional freezing of parameters by path.
 
 Gradient accumulation is done inside the train step (a scan over micro-batches), not here.
@@ -61,8 +61,11 @@ def make(cfg: ConfigDict, params: Any, num_train_steps: int, frozen: list[str] |
     opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
   elif cfg.name == "lamb":
     opt = optax.lamb(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+  elif cfg.name == "sgd":  # plain momentum SGD: updates are linear in the gradient (handy for debugging)
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask),
+                      optax.sgd(sched, momentum=cfg.b1 or None))
   else:
-    raise UserError(f"optimizer.name={cfg.name!r}; use 'adamw' or 'lamb'")
+    raise UserError(f"optimizer.name={cfg.name!r}; use 'adamw', 'lamb' or 'sgd'")
   parts = []
   if frozen:
     parts.append(optax.masked(optax.set_to_zero(), frozen_mask(params, frozen)))
