@@ -90,6 +90,14 @@ def test_sst2_end_to_end(memo_glue, cache_dir, tmp_path, monkeypatch):
   assert header == ["index", "prediction"] and len(rows) == 1821
   assert [r[0] for r in rows] == test_ids and {r[1] for r in rows} <= {"0", "1"}
   assert json.loads((wd / "eval_metrics.json").read_text())["test_predictions"] == 1821
+  # The best checkpoint exports with its head and the workdir's tokenizer; to_hf re-runs it in transformers.
+  from bertjax.convert import commands
+  out = tmp_path / "hf"
+  diffs = commands.to_hf(str(wd / "best"), str(out), verify=True, log=lambda _: None)
+  assert diffs["logits"] < 1e-4, diffs
+  hf_cfg = json.loads((out / "config.json").read_text())
+  assert hf_cfg["architectures"] == ["BertForSequenceClassification"] and hf_cfg["id2label"] == {"0": "0", "1": "1"}
+  assert (out / "vocab.txt").exists() and (out / "tokenizer.json").exists()
   # A rerun reads the tokenized splits from the cache: no conversion at all.
   monkeypatch.setattr(glue, "convert_examples", lambda *a, **k: pytest.fail("tokenized again"))
   task = GlueTask(c, str(tmp_path / "other"))

@@ -123,6 +123,15 @@ def from_hf(src: str, out: str, head: str = "auto", num_labels: int | None = Non
   return step_dir
 
 
+def _workdir_tokenizer(step_dir: str) -> str:
+  """`<workdir>/tokenizer` for `<workdir>/checkpoints/<step>` and for `<workdir>/best/checkpoints/<step>`."""
+  root = os.path.dirname(os.path.dirname(step_dir))
+  tok = os.path.join(root, "tokenizer")
+  if not os.path.isdir(tok) and os.path.basename(root) == "best":
+    tok = os.path.join(os.path.dirname(root), "tokenizer")
+  return tok
+
+
 def hf_config(cfg: BertConfig, head: str, num_labels: int | None, label_names: list[str] | None) -> dict:
   """transformers `config.json` for `cfg` and `head`."""
   fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dtype"}
@@ -175,7 +184,7 @@ def to_hf(checkpoint_path: str, out: str, verify: bool | None = None, atol: floa
     save_file({k: v.astype(np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
               metadata={"format": "pt"})
     log(f"wrote {len(state)} tensors as {HF_ARCHITECTURE[head]} from {step_dir}")
-    tok_src = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "tokenizer")
+    tok_src = _workdir_tokenizer(step_dir)
     if os.path.isdir(tok_src) and hf_io.has_tokenizer(tok_src):
       info = hf_io.export_tokenizer(tok_src, tmp, cfg.max_position_embeddings)
       log(f"tokenizer from {tok_src}: {', '.join(info['files'] + info['built'])} "
