@@ -28,7 +28,6 @@ from bertjax.data import corpus, loader, ner, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForTokenClassification
 from bertjax.tasks import common, metrics
-from bertjax.tasks.common import shard_rows
 
 MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -201,7 +200,7 @@ class NerTask:
 
   def train_source(self) -> loader.BatchSource:
     c = self.config
-    rows = shard_rows(self._model_arrays("train"), jax.process_index(), jax.process_count())
+    rows = common.shard_rows(self._model_arrays("train"), jax.process_index(), jax.process_count())
     return loader.BatchSource(rows, c.training.global_batch_size, c.seed, jax.process_index(),
                               jax.process_count())
 

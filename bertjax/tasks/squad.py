@@ -25,7 +25,7 @@ from bertjax.errors import UserError
 from bertjax.models.heads import BertForQuestionAnswering
 from bertjax.tasks import common, metrics
 from bertjax.tasks.ner import (MODEL_KEYS, cache_dir_of, cached_arrays, file_key, load_tokenizer, save_tokenizer,
-                               shard_rows, valid_rows)
+                               valid_rows)
 
 _POSITIONS = ("start_positions", "end_positions")
 _HOST_KEYS = ("example_index", "offsets", "token_is_max_context")  # post-processing only; never on device
@@ -117,7 +117,7 @@ class SquadTask:
 
   def train_source(self) -> loader.BatchSource:
     c = self.config
-    rows = shard_rows(self._model_arrays("train"), jax.process_index(), jax.process_count())
+    rows = common.shard_rows(self._model_arrays("train"), jax.process_index(), jax.process_count())
     return loader.BatchSource(rows, c.training.global_batch_size, c.seed, jax.process_index(),
                               jax.process_count())
 

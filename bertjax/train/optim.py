@@ -1,5 +1,5 @@
-"""optax optimizers for BERT: AdamW (default), LAMB or SGD (momentum `b1`), warmup + linear/polynomial decay, no weight decay on
-LayerNorm and biases, global-norm clipping, optional freezing of parameters by path.
+"""optax optimizers for BERT: AdamW (default), LAMB or SGD (momentum `b1`), warmup + linear/polynomial decay,
+no weight decay on LayerNorm and biases, global-norm clipping, optional freezing of parameters by path.
 
 Gradient accumulation is done inside the train step (a scan over micro-batches), not here.
 """

@@ -1,8 +1,9 @@
 """Mesh from config and logical-axis rules -> `NamedSharding`s (MaxText style).
 
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `mlp`, `norm`, None) set where they are
-created; `config.mesh.logical_axis_rules` (defaults in `bertjax/config.py`) maps each name to mesh axes. A dimension that the mapped mesh axes
-do not divide evenly is replicated instead (e.g. an odd vocabulary on `tensor`).
+created; `config.mesh.logical_axis_rules` (defaults in `bertjax/config.py`) maps each name to mesh axes. A
+dimension that the mapped mesh axes do not divide evenly is replicated instead (e.g. an odd vocabulary on
+`tensor`).
 """
 
 from __future__ import annotations
