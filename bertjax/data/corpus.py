@@ -6,6 +6,8 @@
 - a local file, folder or glob of `.txt` / `.json` / `.jsonl` / `.parquet` files (text files: one document
   per file with `sample_by="document"`, or the original BERT format, blank-line separated documents, with
   `sample_by="paragraph"`);
+- the same as a URL, `scheme://...` (`gs://bucket/wiki/*.txt`, `s3://...`, `https://...`, `file:///...`): listed
+  and read through fsspec (`gs://` needs `pip install gcsfs`), downloaded into the `datasets` cache;
 - a hub dataset name `"name"` or `"name:config"` (needs internet), e.g. `"wikitext:wikitext-103-raw-v1"`.
 """
 
@@ -67,6 +69,34 @@ def _local_files(spec: str) -> list[str]:
   raise UserError(f"data.corpus path {path} does not exist; pass an existing file or folder, or 'bbc_news'")
 
 
+def is_url(spec: str) -> bool:
+  """`scheme://...` (gs://, s3://, https://, file://, ...): a remote file, folder or glob read through fsspec."""
+  return "://" in spec and spec.split("://", 1)[0].replace("+", "").replace("-", "").isalnum()
+
+
+def _remote_files(url: str) -> list[str]:
+  """The files a corpus URL names (a file, a glob, or a folder searched recursively), as URLs."""
+  import fsspec  # a dependency of datasets
+
+  try:
+    fs, path = fsspec.core.url_to_fs(url)
+    if any(ch in path for ch in "*?["):
+      found = fs.glob(path)
+    elif fs.isdir(path):
+      found = [f for f in fs.find(path) if os.path.splitext(f)[1] in _EXTENSIONS]
+    else:
+      found = [path] if fs.exists(path) else []
+  except Exception as e:  # unknown scheme, missing filesystem package (gcsfs, s3fs), unreachable host
+    raise UserError(f"data.corpus {url} cannot be read: {type(e).__name__}: {_first_line(e)}") from e
+  if not found:
+    raise UserError(f"data.corpus {url} matches no .txt/.json/.jsonl/.parquet files; check the URL")
+  return sorted(fs.unstrip_protocol(f) for f in found)
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [""])[0]
+
+
 def _looks_local(spec: str) -> bool:
   """Existing paths, absolute/relative/home paths and known extensions are local; the rest are hub names."""
   return (os.path.exists(os.path.expanduser(spec)) or spec.startswith(("/", "./", "../", "~"))
@@ -79,8 +109,8 @@ def load_documents(corpus: str, cache_dir: str, text_column: str = "text", sampl
   ds_cache = os.path.join(cache_dir, "datasets")
   if corpus == "bbc_news":
     ds = datasets.load_dataset("json", data_files=bbc_news_jsonl(cache_dir), split="train", cache_dir=ds_cache)
-  elif _looks_local(corpus):
-    files = _local_files(corpus)
+  elif is_url(corpus) or _looks_local(corpus):
+    files = _remote_files(corpus) if is_url(corpus) else _local_files(corpus)
     kinds = {_EXTENSIONS.get(os.path.splitext(f)[1]) for f in files}
     if None in kinds or len(kinds) != 1:
       raise UserError(f"data.corpus {corpus}: files must all be one of .txt, .json/.jsonl or .parquet "
@@ -90,7 +120,7 @@ def load_documents(corpus: str, cache_dir: str, text_column: str = "text", sampl
     try:
       ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=ds_cache, **kwargs)
     except Exception as e:  # malformed json/parquet
-      raise UserError(f"data.corpus {corpus}: could not read as {kind}: {str(e).splitlines()[0]}") from e
+      raise UserError(f"data.corpus {corpus}: could not read as {kind}: {_first_line(e)}") from e
   else:
     name, _, conf = corpus.partition(":")
     try:

@@ -1,11 +1,17 @@
 """Pretraining examples as in the original BERT: documents -> sentence pairs (NSP) -> dynamic masking.
 
 1. `tokenize_documents`: split each document into sentences and WordPiece them with a fingerprinted, cached
-   `datasets.map` (`num_proc` workers), keeping word starts from the fast tokenizer's word ids.
+   `datasets.map` (`num_proc` workers), keeping word starts from the fast tokenizer's word ids. The result is an
+   Arrow cache file on disk, memory-mapped.
 2. `create_pairs`: Google's `create_instances_from_document`: pack sentences up to a target length
    (`short_seq_prob` of the time a shorter one), split into A/B at a sentence boundary, and with probability
    `nsp_probability` replace B by a span of another document (NSP label 1) - putting the unused sentences back.
-   The result is a dict of fixed-shape numpy arrays, cached on disk by content fingerprint.
+   The documents are cut into contiguous shards of at most `PairConfig.shard_docs` (4,096) documents, paired
+   shard by shard (`num_proc` workers), and the random other document comes from the same shard (Google's
+   script drew it from the documents of one process's input files). Memory is bounded by one shard; the result
+   is a folder of fixed-shape `.npy` arrays, cached by content fingerprint and memory-mapped, so each process
+   reads only the rows it draws. A corpus of one shard (the default BBC News) gives the pairs of the unsharded
+   version exactly.
 3. `Masker`: a per-batch numpy transform (no Python work per token): `mask_prob` of the non-special tokens,
    at most `max_predictions`, whole words optionally; of those 80% -> [MASK], 10% -> random, 10% kept.
    The MLM head later runs only at the returned `masked_positions`.
@@ -15,13 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import re
+import shutil
+import tempfile
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
+from bertjax.data import cache
 from bertjax.errors import UserError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -39,7 +51,11 @@ def split_sentences(text: str) -> list[str]:
 
 def tokenize_documents(docs: datasets.Dataset, tok: Tokenizer, tok_fingerprint: str,
                        num_proc: int | None = None) -> datasets.Dataset:
-  """-> Dataset with `ids` and `word_starts`: per document, per sentence, WordPiece ids / word-start flags."""
+  """-> Dataset with `ids` and `word_starts`: per document, per sentence, WordPiece ids / word-start flags.
+
+  The result is a `datasets` cache file (Arrow, memory-mapped) when `docs` is file-backed; an unreadable cache
+  file is reported and rebuilt.
+  """
 
   def encode(batch):
     ids, starts = [], []
@@ -48,13 +64,20 @@ def tokenize_documents(docs: datasets.Dataset, tok: Tokenizer, tok_fingerprint: 
       encs = tok.encode_batch(sents, add_special_tokens=False) if sents else []
       encs = [e for e in encs if e.ids]
       ids.append([e.ids for e in encs])
-      starts.append([[int(w is None or i == 0 or w != e.word_ids[i - 1]) for i, w in enumerate(e.word_ids)]
+      starts.append([[w is None or i == 0 or w != e.word_ids[i - 1] for i, w in enumerate(e.word_ids)]
                      for e in encs])
     return {"ids": ids, "word_starts": starts}
 
-  fp = hashlib.sha256(f"{docs._fingerprint}/{tok_fingerprint}/v1".encode()).hexdigest()[:16]
-  return docs.map(encode, batched=True, batch_size=64, num_proc=num_proc, remove_columns=docs.column_names,
-                  new_fingerprint=fp, desc="tokenizing")
+  fp = hashlib.sha256(f"{docs._fingerprint}/{tok_fingerprint}/v2".encode()).hexdigest()[:16]
+  features = datasets.Features({"ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+                                "word_starts": datasets.Sequence(datasets.Sequence(datasets.Value("bool")))})
+  kwargs = dict(batched=True, batch_size=64, num_proc=num_proc, remove_columns=docs.column_names,
+                features=features, new_fingerprint=fp, desc="tokenizing")
+  try:
+    return docs.map(encode, **kwargs)
+  except (pa.ArrowInvalid, OSError) as e:  # a truncated/corrupt cache file; `encode` raises neither
+    logging.warning("tokenized-documents cache of %s is unreadable (%s); rebuilding it", fp, e)
+    return docs.map(encode, load_from_cache_file=False, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +86,84 @@ class PairConfig:
   short_seq_prob: float = 0.1
   nsp_probability: float = 0.5
   seed: int = 12345
+  shard_docs: int = 4096  # documents per shard; a random NSP segment B comes from another document of the shard
+
+
+PAIR_COLUMNS = ("input_ids", "token_type_ids", "word_starts", "nsp_labels", "lengths", "provenance")
+
+
+def create_pairs(tokenized: datasets.Dataset, cls_id: int, sep_id: int, cfg: PairConfig,
+                 cache_dir: str | None = None, num_proc: int | None = None) -> dict[str, np.ndarray]:
+  """Sentence pairs for MLM + NSP as fixed-shape arrays, memory-mapped from `<cache_dir>/pairs/<fingerprint>/`.
+
+  Returns input_ids/token_type_ids [N, L] (int32, padded with 0), word_starts [N, L] (bool), nsp_labels [N]
+  (1 = B is a random span), lengths [N], and provenance [N, 11] (document rows in `tokenized` and token and
+  sentence ranges of A and B) for tests. The documents are cut into contiguous, equal shards of at most
+  `cfg.shard_docs`; each shard's pairs are made independently (a `datasets.map` over shard numbers, `num_proc`
+  workers), so memory is bounded by one shard and the result does not depend on `num_proc` or the process count.
+  `cache_dir=None` builds in a new temporary folder.
+  """
+  key = hashlib.sha256(f"{tokenized._fingerprint}/{dataclasses.asdict(cfg)}/{cls_id}/{sep_id}/v2".encode())
+  root = os.path.join(cache_dir or tempfile.mkdtemp(prefix="bertjax-pairs-"), "pairs")
+  folder = os.path.join(root, key.hexdigest()[:16])
+  out = cache.open_store(folder)
+  if out is not None:
+    return out
+  os.makedirs(root, exist_ok=True)
+  tmp = cache.new_build_folder(folder)
+  try:
+    n = len(tokenized)
+    n_shards = max(1, -(-n // cfg.shard_docs))
+    bounds = [s * n // n_shards for s in range(n_shards + 1)]
+    shards = datasets.Dataset.from_dict({"shard": list(range(n_shards))})
+    workers = min(num_proc, n_shards) if num_proc and num_proc > 1 and n_shards > 1 else None
+    shards.map(_pair_shard, batched=True, batch_size=1, num_proc=workers, keep_in_memory=True, load_from_cache_file=False, new_fingerprint=f"{key.hexdigest()[:16]}-shards",
+               fn_kwargs=dict(tokenized=tokenized, bounds=bounds, cls_id=cls_id, sep_id=sep_id, cfg=cfg, folder=tmp),
+               desc="pairing")
+    rows = 0
+    for col in PAIR_COLUMNS:
+      parts = [os.path.join(tmp, f"{col}.{s:06d}.npy") for s in range(n_shards)]
+      rows = cache.concatenate(parts, os.path.join(tmp, f"{col}.npy"))
+    cache.publish(tmp, folder, list(PAIR_COLUMNS), rows)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  out = cache.open_store(folder)
+  assert out is not None, folder
+  return out
+
+
+def _pair_shard(batch: dict, tokenized: datasets.Dataset, bounds: list[int], cls_id: int, sep_id: int,
+                cfg: PairConfig, folder: str) -> dict:
+  """`datasets.map` worker: the pairs of shard `batch["shard"][0]`, saved as `<column>.<shard>.npy` in `folder`."""
+  s = batch["shard"][0]
+  docs = _shard_documents(tokenized, bounds[s], bounds[s + 1])
+  if len(docs) < 2:
+    where = "the corpus" if len(bounds) == 2 else f"documents {bounds[s]}-{bounds[s + 1] - 1} of the corpus"
+    raise UserError(f"{where} hold(s) {len(docs)} non-empty document(s); NSP needs at least 2")
+  rng = np.random.default_rng(cfg.seed if s == 0 else [cfg.seed, s])  # shard 0: the single-stream pairs of v1
+  arrays = _pair_arrays(docs, _sample_pairs(docs, cfg, rng), cls_id, sep_id, cfg.max_seq_length)
+  for col, v in arrays.items():
+    np.save(os.path.join(folder, f"{col}.{s:06d}.npy"), v)
+  return {"shard": [s], "rows": [len(arrays["nsp_labels"])]}
+
+
+def _shard_documents(tokenized: datasets.Dataset, start: int, stop: int) -> list[tuple]:
+  """Non-empty documents of rows [start, stop) as (row, tokens, word starts, sentence offsets), read via Arrow."""
+  table = tokenized.with_format("arrow")[start:stop]
+  ids, flags = table.column("ids").combine_chunks(), table.column("word_starts").combine_chunks()
+  sents_per_doc = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+  sent_lens = pc.list_value_length(ids.flatten()).to_numpy(zero_copy_only=False)
+  tokens = ids.flatten().flatten().to_numpy(zero_copy_only=False)
+  starts = flags.flatten().flatten().to_numpy(zero_copy_only=False).astype(bool)
+  tok_off = np.concatenate([[0], np.cumsum(sent_lens)])
+  sent_off = np.concatenate([[0], np.cumsum(sents_per_doc)])
+  docs = []
+  for d in range(len(sents_per_doc)):
+    s0, s1 = sent_off[d], sent_off[d + 1]
+    if s1 > s0:
+      t0, t1 = tok_off[s0], tok_off[s1]
+      docs.append((start + d, tokens[t0:t1].astype(np.int32), starts[t0:t1], tok_off[s0:s1 + 1] - t0))
+  return docs
 
 
 def _truncate_pair(a: list, b: list, max_tokens: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -86,43 +187,11 @@ def _truncate_pair(a: list, b: list, max_tokens: int, rng: np.random.Generator) 
   return a0, a1, b0, b1
 
 
-def create_pairs(tokenized: datasets.Dataset, cls_id: int, sep_id: int, cfg: PairConfig,
-                 cache_dir: str | None = None) -> dict[str, np.ndarray]:
-  """Sentence pairs for MLM + NSP as fixed-shape arrays, cached under `cache_dir` by fingerprint.
-
-  Returns input_ids/token_type_ids [N, L] (int32, padded with 0), word_starts [N, L] (bool), nsp_labels [N]
-  (1 = B is a random span), lengths [N], and provenance (doc and sentence ranges of A and B) for tests.
-  """
-  key = hashlib.sha256(f"{tokenized._fingerprint}/{dataclasses.asdict(cfg)}/{cls_id}/{sep_id}/v1".encode())
-  path = os.path.join(cache_dir, "pairs", key.hexdigest()[:16] + ".npz") if cache_dir else None
-  if path and os.path.exists(path):
-    with np.load(path) as z:
-      return dict(z)
-  out = _create_pairs(tokenized["ids"], tokenized["word_starts"], cls_id, sep_id, cfg)
-  if path:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
-  return out
-
-
-def _create_pairs(doc_ids: list, doc_starts: list, cls_id: int, sep_id: int, cfg: PairConfig) -> dict:
-  rng = np.random.default_rng(cfg.seed)
-  L = cfg.max_seq_length
-  max_tokens = L - 3
-  # Per document: concatenated tokens, word starts and sentence offsets.
-  docs = []
-  for sents, starts in zip(doc_ids, doc_starts):
-    if not sents:
-      continue
-    offs = np.cumsum([0] + [len(s) for s in sents])
-    docs.append((np.concatenate([np.asarray(s, np.int32) for s in sents]),
-                 np.concatenate([np.asarray(s, bool) for s in starts]), offs))
-  if len(docs) < 2:
-    raise UserError(f"the corpus has {len(docs)} non-empty document(s); NSP needs at least 2")
-  rows = []  # (doc_a, a_tok_range, doc_b, b_tok_range, label, a_sent_range, b_sent_range)
-  for d, (_, _, offs) in enumerate(docs):
+def _sample_pairs(docs: list[tuple], cfg: PairConfig, rng: np.random.Generator) -> list[tuple]:
+  """Google's create_instances_from_document over `docs`; -> (doc_a, a0, a1, doc_b, b0, b1, label, A/B sentences)."""
+  max_tokens = cfg.max_seq_length - 3
+  rows = []
+  for d, (*_, offs) in enumerate(docs):
     n_sent = len(offs) - 1
     target = max_tokens if rng.random() >= cfg.short_seq_prob else int(rng.integers(2, max_tokens + 1))
     chunk_start, i = 0, 0
@@ -141,7 +210,7 @@ def _create_pairs(doc_ids: list, doc_starts: list, cls_id: int, sep_id: int, cfg
               break
           if other == d:
             other = (d + 1) % len(docs)
-          o_offs = docs[other][2]
+          o_offs = docs[other][3]
           s0 = int(rng.integers(len(o_offs) - 1))
           s1 = s0 + 1
           while s1 < len(o_offs) - 1 and o_offs[s1] - o_offs[s0] < target_b:
@@ -156,14 +225,19 @@ def _create_pairs(doc_ids: list, doc_starts: list, cls_id: int, sep_id: int, cfg
         chunk_start = i + 1
         target = max_tokens if rng.random() >= cfg.short_seq_prob else int(rng.integers(2, max_tokens + 1))
       i += 1
+  return rows
+
+
+def _pair_arrays(docs: list[tuple], rows: list[tuple], cls_id: int, sep_id: int, L: int) -> dict[str, np.ndarray]:
+  """[CLS] A [SEP] B [SEP] rows padded to L; provenance holds the documents' rows in the tokenized dataset."""
   n = len(rows)
   ids = np.zeros((n, L), np.int32)
   types = np.zeros((n, L), np.int32)
   starts = np.zeros((n, L), bool)
   meta = np.zeros((n, 11), np.int32)
   for r, (d, a0, a1, bd, b0, b1, label, *sent) in enumerate(rows):
-    ta, sa = docs[d][0][a0:a1], docs[d][1][a0:a1]
-    tb, sb = docs[bd][0][b0:b1], docs[bd][1][b0:b1]
+    ta, sa = docs[d][1][a0:a1], docs[d][2][a0:a1]
+    tb, sb = docs[bd][1][b0:b1], docs[bd][2][b0:b1]
     la, lb = len(ta), len(tb)
     ids[r, 0], ids[r, 1:1 + la], ids[r, 1 + la] = cls_id, ta, sep_id
     ids[r, 2 + la:2 + la + lb], ids[r, 2 + la + lb] = tb, sep_id
@@ -171,7 +245,7 @@ def _create_pairs(doc_ids: list, doc_starts: list, cls_id: int, sep_id: int, cfg
     starts[r, 0], starts[r, 1:1 + la], starts[r, 1 + la] = True, sa, True
     starts[r, 2 + la:2 + la + lb], starts[r, 2 + la + lb] = sb, True
     starts[r, 1], starts[r, 2 + la] = True, True  # a truncated front still starts a (partial) word
-    meta[r] = (d, a0, a1, bd, b0, b1, label, *sent)
+    meta[r] = (docs[d][0], a0, a1, docs[bd][0], b0, b1, label, *sent)
   return {"input_ids": ids, "token_type_ids": types, "word_starts": starts, "nsp_labels": meta[:, 6].copy(),
           "lengths": (ids != 0).sum(1).astype(np.int32), "provenance": meta}
 

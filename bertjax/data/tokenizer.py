@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Iterable
 
 from tokenizers import Tokenizer
@@ -43,6 +45,15 @@ def load(path: str, lowercase: bool = True) -> Tokenizer:
   return tok
 
 
+def readable(path: str) -> bool:
+  """Whether `load(path)` succeeds (for caches: an unreadable one is rebuilt)."""
+  try:
+    load(path)
+    return True
+  except UserError:
+    return False
+
+
 def _config_lowercase(folder: str, default: bool) -> bool:
   cfg = os.path.join(folder, "tokenizer_config.json")
   if os.path.exists(cfg):
@@ -66,19 +77,31 @@ def train(texts: Iterable[str], vocab_size: int, lowercase: bool = True, min_fre
 
 
 def save(tok: Tokenizer, folder: str, lowercase: bool = True, model_max_length: int = 512) -> None:
-  """Write `tokenizer.json`, `vocab.txt`, `tokenizer_config.json`, `special_tokens_map.json` to `folder`."""
-  os.makedirs(folder, exist_ok=True)
-  tok.save(os.path.join(folder, "tokenizer.json"))
-  vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-  with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
-    f.writelines(t + "\n" for t, _ in vocab)
-  special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-             "mask_token": "[MASK]"}
-  with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-    json.dump(special, f, indent=2)
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase, "model_max_length": model_max_length,
-               **special}, f, indent=2)
+  """Write `tokenizer.json`, `vocab.txt`, `tokenizer_config.json`, `special_tokens_map.json` to `folder`.
+
+  Atomically per file: each is written in a temporary folder beside `folder` and renamed in, `tokenizer.json`
+  last, so an interrupted save never leaves a truncated file and a folder with `tokenizer.json` is complete.
+  """
+  parent = os.path.dirname(os.path.normpath(folder)) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".tokenizer-tmp-")
+  try:
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    with open(os.path.join(tmp, "vocab.txt"), "w", encoding="utf-8") as f:
+      f.writelines(t + "\n" for t, _ in vocab)
+    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+               "mask_token": "[MASK]"}
+    with open(os.path.join(tmp, "special_tokens_map.json"), "w") as f:
+      json.dump(special, f, indent=2)
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
+                 "model_max_length": model_max_length, **special}, f, indent=2)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    os.makedirs(folder, exist_ok=True)
+    for name in ("vocab.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json"):
+      os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fingerprint(tok: Tokenizer) -> str:

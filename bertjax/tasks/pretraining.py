@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from bertjax.data import corpus, loader, pretraining as pt, tokenizer as toklib
+from bertjax.data import cache, corpus, loader, pretraining as pt, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.bert import BertConfig
 from bertjax.models.heads import BertForPreTraining
@@ -42,17 +42,19 @@ class PretrainingTask:
                       "(two for NSP in each of train and eval)")
     n_eval = max(2, int(round(len(docs) * d.eval_fraction)))
     split = docs.train_test_split(test_size=n_eval, seed=c.seed, shuffle=True)
-    train_docs = split["train"].shard(jax.process_count(), jax.process_index(), contiguous=True)
     self.tok, self.tok_source = self._tokenizer(split["train"])
     self.model_config = common.model_config(c, vocab_size=self.tok.get_vocab_size(), tokenizer=self.tok)
     fp = toklib.fingerprint(self.tok)
     pair_cfg = pt.PairConfig(d.max_seq_length, d.short_seq_prob, d.nsp_probability, c.seed)
     cls_id, sep_id = self.tok.token_to_id("[CLS]"), self.tok.token_to_id("[SEP]")
-    train_tok = pt.tokenize_documents(train_docs, self.tok, fp, d.num_proc if d.num_proc > 1 else None)
-    eval_tok = pt.tokenize_documents(split["test"], self.tok, fp, None)
-    self.train_pairs = pt.create_pairs(train_tok, cls_id, sep_id, pair_cfg, self.cache_dir)
+    num_proc = d.num_proc if d.num_proc > 1 else None
+    # Every process builds (or finds in its cache) the same full pair set, memory-mapped from disk; the loader
+    # reads each process's rows of each global batch from it.
+    train_tok = pt.tokenize_documents(split["train"], self.tok, fp, num_proc)
+    eval_tok = pt.tokenize_documents(split["test"], self.tok, fp, num_proc)
+    self.train_pairs = pt.create_pairs(train_tok, cls_id, sep_id, pair_cfg, self.cache_dir, num_proc)
     self.eval_pairs = pt.create_pairs(eval_tok, cls_id, sep_id, dataclasses.replace(pair_cfg, seed=c.seed + 1),
-                                      self.cache_dir)
+                                      self.cache_dir, num_proc)
     special = [self.tok.token_to_id(t) for t in toklib.SPECIAL_TOKENS]
     self.masker = pt.Masker(pt.MaskConfig(d.mask_prob, d.max_predictions_per_seq, d.mask_token_frac,
                                           d.random_token_frac, d.whole_word_masking),
@@ -74,12 +76,21 @@ class PretrainingTask:
     if hf_dir:
       return toklib.load(hf_dir, d.lowercase), hf_dir
     key = hashlib.sha256(f"{train_docs._fingerprint}/{d.vocab_size}/{d.lowercase}".encode()).hexdigest()[:16]
-    cached = os.path.join(self.cache_dir, "tokenizers", key, "tokenizer.json")
+    folder = os.path.join(self.cache_dir, "tokenizers", key)
+    cached = os.path.join(folder, "tokenizer.json")
     if os.path.exists(cached):
-      return toklib.load(cached), f"trained on the corpus (cached {cached})"
-    tok = toklib.train((t for t in train_docs["text"]), d.vocab_size, d.lowercase)
-    toklib.save(tok, os.path.dirname(cached), d.lowercase)
-    return tok, f"trained on the corpus ({d.vocab_size} requested)"
+      try:
+        return toklib.load(cached), f"trained on the corpus (cached {cached})"
+      except UserError as e:  # truncated / corrupt: train again
+        logging.warning("cached tokenizer is unreadable (%s); training it again", e)
+    texts = (t for b in train_docs.select_columns(["text"]).iter(batch_size=1000) for t in b["text"])
+    tok = toklib.train(texts, d.vocab_size, d.lowercase)
+    # Training is not deterministic: processes sharing the cache all use the first finished vocabulary.
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = cache.new_build_folder(folder)
+    toklib.save(tok, tmp, d.lowercase)
+    cache.publish_folder(tmp, folder, lambda: toklib.readable(cached))
+    return toklib.load(cached), f"trained on the corpus ({d.vocab_size} requested)"
 
   def train_source(self) -> loader.BatchSource:
     return loader.BatchSource(self.train_pairs, self.config.training.global_batch_size, self.config.seed,
