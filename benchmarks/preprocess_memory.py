@@ -3,8 +3,9 @@
 Each measurement runs `PretrainingTask.prepare()` (corpus -> tokenizer -> tokenized documents -> NSP pairs, train
 and eval) in a fresh subprocess with an empty cache, and reports that child's `ru_maxrss` against its own
 baseline: the same process after importing bertjax and starting the JAX CPU client (which prepare() queries for
-the process count), so the XLA runtime is in the baseline, not in the increase. `num_proc` workers are reported
-separately (RUSAGE_CHILDREN: the largest worker).
+the process count), so the XLA runtime is in the baseline, not in the increase. A thread also samples the
+anonymous and file-backed parts of the resident set (memory-mapped caches count in ru_maxrss but are page cache).
+`num_proc` workers are reported separately (RUSAGE_CHILDREN: the largest worker).
 
 Corpora: `bbc_news` (1x, the default) and the same articles repeated `--scale` times in shuffled order, written
 to a local JSON-lines file. The repeats are exact copies: nothing in the pipeline deduplicates documents.
@@ -22,9 +23,35 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RssSampler(threading.Thread):
+  """Peaks of anonymous and file-backed resident memory (/proc/self/status, every 20 ms; Linux).
+
+  ru_maxrss counts both; file-backed pages of memory-mapped caches (Arrow, .npy) are clean page cache that the
+  kernel reclaims under pressure, anonymous pages are what the process really holds.
+  """
+
+  def __init__(self):
+    super().__init__(daemon=True)
+    self.peak = {"RssAnon": 0, "RssFile": 0}
+    self.done = threading.Event()
+
+  def sample(self) -> dict:
+    with open("/proc/self/status") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key in self.peak:
+          self.peak[key] = max(self.peak[key], int(value.split()[0]))
+    return dict(self.peak)
+
+  def run(self):
+    while not self.done.wait(0.02):
+      self.sample()
 
 
 def child(args: dict) -> dict:
@@ -36,8 +63,15 @@ def child(args: dict) -> dict:
   from bertjax.tasks.pretraining import PretrainingTask
   from configs import mlm
 
+  if args["load_only"]:  # convert the corpus into the datasets cache, measure nothing
+    from bertjax.data import corpus
+    corpus.load_documents(args["corpus"], args["cache_dir"])
+    return {}
   jax.process_count()  # start the CPU client before the baseline: prepare() asks for the process count
   base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  sampler = RssSampler()
+  base_anon = sampler.sample()["RssAnon"]
+  sampler.start()
   config = mlm.get_config()
   config.data.corpus = args["corpus"]
   config.data.cache_dir = args["cache_dir"]
@@ -46,12 +80,15 @@ def child(args: dict) -> dict:
   t0 = time.perf_counter()
   task.prepare()
   wall = time.perf_counter() - t0
+  sampler.done.set()
+  rss = sampler.sample()
   n_train, n_eval = len(task.train_pairs["nsp_labels"]), len(task.eval_pairs["nsp_labels"])
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   return {"baseline_mib": base / 1024, "peak_mib": peak / 1024, "increase_mib": (peak - base) / 1024,
-          "workers_peak_mib": workers / 1024, "wall_s": wall, "train_pairs": n_train, "eval_pairs": n_eval,
-          "pairs_per_s": (n_train + n_eval) / wall}
+          "workers_peak_mib": workers / 1024, "anon_baseline_mib": base_anon / 1024,
+          "anon_peak_mib": rss["RssAnon"] / 1024, "file_peak_mib": rss["RssFile"] / 1024, "wall_s": wall,
+          "train_pairs": n_train, "eval_pairs": n_eval, "pairs_per_s": (n_train + n_eval) / wall}
 
 
 def write_repeated(src: str, dst: str, times: int, seed: int = 0) -> int:
@@ -64,17 +101,19 @@ def write_repeated(src: str, dst: str, times: int, seed: int = 0) -> int:
   return len(rows)
 
 
-def measure(code_root: str, corpus: str, num_proc: int, scratch: str) -> dict:
+def measure(code_root: str, corpus: str, num_proc: int, scratch: str, corpus_cached: bool) -> dict:
+  """One cold prepare() in a fresh child; `corpus_cached`: the corpus's JSON -> Arrow conversion done before."""
   run_dir = tempfile.mkdtemp(dir=scratch)
   args = {"corpus": corpus, "num_proc": num_proc, "cache_dir": os.path.join(run_dir, "cache"),
-          "workdir": os.path.join(run_dir, "work")}
+          "workdir": os.path.join(run_dir, "work"), "load_only": False}
   env = dict(os.environ, PYTHONPATH=f"{code_root}{os.pathsep}{REPO}", JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
   env.pop("XLA_FLAGS", None)
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(args)], env=env,
-                       capture_output=True, text=True, check=False)
-  if out.returncode:
-    raise SystemExit(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
+  for load_only in [True] * corpus_cached + [False]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps({**args, "load_only": load_only})]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+      raise SystemExit(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -97,19 +136,28 @@ def main() -> None:
   n_docs = write_repeated(bbc, big, a.scale)
   print(f"code {a.code_root}; corpora: bbc_news and {big} ({n_docs} documents)")
   results = []
-  for name, spec in (("1x", "bbc_news"), (f"{a.scale}x", big)):
+  for cached in (False, True):
+    print("corpus conversion (JSON -> Arrow by datasets) " + ("done before, not measured" if cached else "included"))
+    for name, spec in (("1x", "bbc_news"), (f"{a.scale}x", big)):
+      for num_proc in a.num_proc:
+        r = {"corpus": name, "num_proc": num_proc, "corpus_cached": cached,
+             **measure(a.code_root, spec, num_proc, scratch, cached)}
+        results.append(r)
+        report(r)
+    by = {(r["corpus"], r["num_proc"]): r for r in results if r["corpus_cached"] == cached}
     for num_proc in a.num_proc:
-      r = {"corpus": name, "num_proc": num_proc, **measure(a.code_root, spec, num_proc, scratch)}
-      results.append(r)
-      print(f"{name:>4} num_proc={num_proc}: peak {r['peak_mib']:.0f} MiB (baseline {r['baseline_mib']:.0f}, "
-            f"+{r['increase_mib']:.0f}; largest worker {r['workers_peak_mib']:.0f}) | {r['train_pairs']} train + "
-            f"{r['eval_pairs']} eval pairs in {r['wall_s']:.1f} s = {r['pairs_per_s']:.0f} pairs/s", flush=True)
-  by = {(r["corpus"], r["num_proc"]): r for r in results}
-  for num_proc in a.num_proc:
-    one, big_r = by[("1x", num_proc)], by[(f"{a.scale}x", num_proc)]
-    print(f"num_proc={num_proc}: {a.scale}x / 1x peak = {big_r['peak_mib'] / one['peak_mib']:.2f} "
-          f"(increase over baseline {big_r['increase_mib']:.0f} vs {one['increase_mib']:.0f} MiB)")
+      one, big_r = by[("1x", num_proc)], by[(f"{a.scale}x", num_proc)]
+      print(f"  num_proc={num_proc}: {a.scale}x / 1x peak = {big_r['peak_mib'] / one['peak_mib']:.2f} (increase over "
+            f"baseline {big_r['increase_mib']:.0f} vs {one['increase_mib']:.0f} MiB; anonymous peak "
+            f"{big_r['anon_peak_mib']:.0f} vs {one['anon_peak_mib']:.0f} MiB)")
   print(json.dumps(results))
+
+
+def report(r: dict) -> None:
+  print(f"  {r['corpus']:>4} num_proc={r['num_proc']}: peak {r['peak_mib']:.0f} MiB (baseline {r['baseline_mib']:.0f}, "
+        f"+{r['increase_mib']:.0f}; anonymous {r['anon_baseline_mib']:.0f} -> {r['anon_peak_mib']:.0f}, file-backed "
+        f"peak {r['file_peak_mib']:.0f}; largest worker {r['workers_peak_mib']:.0f}) | {r['train_pairs']} train + "
+        f"{r['eval_pairs']} eval pairs in {r['wall_s']:.1f} s = {r['pairs_per_s']:.0f} pairs/s", flush=True)
 
 
 if __name__ == "__main__":

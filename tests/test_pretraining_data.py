@@ -326,7 +326,8 @@ tok = toklib.load(tok_file)
 docs = corpus.load_documents(corpus_dir, cache_dir)
 tokenized = pt.tokenize_documents(docs, tok, toklib.fingerprint(tok))
 out = pt.create_pairs(tokenized, 2, 3, pt.PairConfig(max_seq_length=64, shard_docs=50), cache_dir)
-print(len(out["nsp_labels"]), hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in out.values())).hexdigest())
+digest = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in out.values())).hexdigest()
+print(len(out["nsp_labels"]), digest)
 """
 
 

@@ -117,9 +117,9 @@ def create_pairs(tokenized: datasets.Dataset, cls_id: int, sep_id: int, cfg: Pai
     bounds = [s * n // n_shards for s in range(n_shards + 1)]
     shards = datasets.Dataset.from_dict({"shard": list(range(n_shards))})
     workers = min(num_proc, n_shards) if num_proc and num_proc > 1 and n_shards > 1 else None
-    shards.map(_pair_shard, batched=True, batch_size=1, num_proc=workers, keep_in_memory=True, load_from_cache_file=False, new_fingerprint=f"{key.hexdigest()[:16]}-shards",
-               fn_kwargs=dict(tokenized=tokenized, bounds=bounds, cls_id=cls_id, sep_id=sep_id, cfg=cfg, folder=tmp),
-               desc="pairing")
+    args = dict(tokenized=tokenized, bounds=bounds, cls_id=cls_id, sep_id=sep_id, cfg=cfg, folder=tmp)
+    shards.map(_pair_shard, batched=True, batch_size=1, num_proc=workers, fn_kwargs=args, keep_in_memory=True,
+               load_from_cache_file=False, new_fingerprint=f"{key.hexdigest()[:16]}-shards", desc="pairing")
     rows = 0
     for col in PAIR_COLUMNS:
       parts = [os.path.join(tmp, f"{col}.{s:06d}.npy") for s in range(n_shards)]
