@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
-
-import numpy as np
+from typing import Any
 
 from ml_collections import ConfigDict
 
@@ -85,10 +83,3 @@ def pretrained_tokenizer_dir(config: ConfigDict) -> str | None:
     return hf.tokenizer_dir(config.init_from_hf)
   return None
 
-
-def shard_rows(arrays: Mapping[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
-  """This process's rows (strided, equal counts on every process so all run the same steps)."""
-  if count == 1:
-    return dict(arrays)
-  n = len(next(iter(arrays.values()))) // count
-  return {k: v[index::count][:n] for k, v in arrays.items()}

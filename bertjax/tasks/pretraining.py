@@ -42,7 +42,7 @@ class PretrainingTask:
                       "(two for NSP in each of train and eval)")
     n_eval = max(2, int(round(len(docs) * d.eval_fraction)))
     split = docs.train_test_split(test_size=n_eval, seed=c.seed, shuffle=True)
-    train_docs = split["train"].shard(jax.process_count(), jax.process_index(), contiguous=True)
+    train_docs = split["train"]  # every process sees every pair; BatchSource picks its rows
     self.tok, self.tok_source = self._tokenizer(split["train"])
     self.model_config = common.model_config(c, vocab_size=self.tok.get_vocab_size(), tokenizer=self.tok)
     fp = toklib.fingerprint(self.tok)
