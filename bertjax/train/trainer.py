@@ -44,7 +44,7 @@ class Trainer:
     t = config.training
     common.check_config(config)
     self.task = task if task is not None else tasks.get(config.task)(config, workdir)
-    self.mesh = sharding.make_mesh(dict(config.mesh.shape), devices)
+    self.mesh = sharding.make_mesh(dict(config.mesh.shape), devices, dict(config.mesh.get("dcn_shape", {})))
     self.rules = [tuple(r) for r in config.mesh.logical_axis_rules]
     dp = sharding.data_parallel_size(self.mesh)
     accum = int(t.get("grad_accum_steps", 1))
@@ -108,19 +108,20 @@ class Trainer:
     return TrainState(0, params, opt_state, rng)
 
   def _load_pretrained(self, params):
+    """Fill the fresh sharded params from init_checkpoint / init_from_hf, straight onto their shardings (each
+    process reads only the slices its devices hold; nothing is gathered to one host)."""
     cfg = self.config
     if not (cfg.get("init_checkpoint") or cfg.get("init_from_hf")):
       return params
-    from bertjax.convert import hf
-    host = jax.tree_util.tree_map(np.asarray, params)
+    from bertjax.convert import place
     if cfg.get("init_checkpoint"):
-      loaded, report = hf.init_from_checkpoint(host, cfg.init_checkpoint)
+      params, report = place.from_checkpoint(params, cfg.init_checkpoint)
       source = cfg.init_checkpoint
     else:
-      loaded, report = hf.init_from_hf(host, cfg.init_from_hf)
+      params, report = place.from_hf(params, cfg.init_from_hf)
       source = cfg.init_from_hf
     logging.info("initialised from %s:\n  %s", source, "\n  ".join(report.lines()))
-    return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), loaded, self.param_sh)
+    return params
 
   # -- steps ----------------------------------------------------------------------------------------------
   def _compile_steps(self) -> None:
@@ -303,11 +304,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
 
   from clu import metric_writers, periodic_actions  # imports TensorFlow: only once the inputs are known good
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if state.step == 0 and jax.process_index() == 0:
-    from clu import parameter_overview
-    logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(
-        jax.tree_util.tree_map(np.asarray, state.params)))
-    writer.write_hparams(_flat(config.to_dict()))
+  if state.step == 0:
+    from clu import parameter_overview  # shapes from the arrays, mean/std by one jitted reduction on every process
+    overview = parameter_overview.get_parameter_overview(state.params, include_stats="global")
+    if jax.process_index() == 0:
+      logging.info("model parameters:\n%s", overview)
+      writer.write_hparams(_flat(config.to_dict()))
   n_steps = trainer.num_train_steps
   report = periodic_actions.ReportProgress(num_train_steps=n_steps, writer=writer, every_steps=t.log_every_steps)
   tokens_per_step = t.global_batch_size * config.data.get("max_seq_length", 0)
