@@ -46,7 +46,7 @@ def main(argv):
   name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename or "run"))[0]
   workdir = FLAGS.workdir or os.path.join("workdirs", name)
   logging.info("JAX %s on %d devices (%s), process %d/%d; workdir %s", jax.__version__, jax.device_count(),
-               jax.devices()[0].platform, jax.process_index(), jax.process_count(), os.path.abspath(workdir))
+               jax.devices()[0].platform, jax.process_index(), jax.process_count(), workdir if "://" in workdir else os.path.abspath(workdir))
   from bertjax.train.trainer import train_and_evaluate
   train_and_evaluate(config, workdir)
 
