@@ -45,8 +45,9 @@ def main(argv):
     jax.distributed.initialize(**explicit)  # TPU pods, SLURM, ... are auto-detected
   name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename or "run"))[0]
   workdir = FLAGS.workdir or os.path.join("workdirs", name)
+  shown = workdir if "://" in workdir else os.path.abspath(workdir)  # a URL stays a URL
   logging.info("JAX %s on %d devices (%s), process %d/%d; workdir %s", jax.__version__, jax.device_count(),
-               jax.devices()[0].platform, jax.process_index(), jax.process_count(), workdir if "://" in workdir else os.path.abspath(workdir))
+               jax.devices()[0].platform, jax.process_index(), jax.process_count(), shown)
   from bertjax.train.trainer import train_and_evaluate
   train_and_evaluate(config, workdir)
 

@@ -103,6 +103,10 @@ class Trainer:
 
     params = jax.jit(init, out_shardings=self.param_sh)()
     params = self._load_pretrained(params)
+    leaves = jax.tree_util.tree_leaves(params)  # where the parameters live (multi-host: each process its part)
+    held = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.replica_id == 0)
+    logging.info("parameters: %d bytes; process %d holds %d of them on its %d devices (each copy counted once)",
+                 sum(x.nbytes for x in leaves), jax.process_index(), held, jax.local_device_count())
     opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
     rng = jax.random.key_data(jax.random.key(cfg.seed + 1))
     return TrainState(0, params, opt_state, rng)
@@ -304,12 +308,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
 
   from clu import metric_writers, periodic_actions  # imports TensorFlow: only once the inputs are known good
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if state.step == 0:
-    from clu import parameter_overview  # shapes from the arrays, mean/std by one jitted reduction on every process
-    overview = parameter_overview.get_parameter_overview(state.params, include_stats="global")
-    if jax.process_index() == 0:
-      logging.info("model parameters:\n%s", overview)
-      writer.write_hparams(_flat(config.to_dict()))
+  if state.step == 0 and jax.process_index() == 0:
+    from clu import parameter_overview  # shapes, sizes and shardings from array metadata: nothing leaves the devices
+    logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params,
+                                                                                    include_stats="sharding"))
+    writer.write_hparams(_flat(config.to_dict()))
   n_steps = trainer.num_train_steps
   report = periodic_actions.ReportProgress(num_train_steps=n_steps, writer=writer, every_steps=t.log_every_steps)
   tokens_per_step = t.global_batch_size * config.data.get("max_seq_length", 0)
