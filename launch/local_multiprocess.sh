@@ -19,8 +19,8 @@ for i in $(seq 0 $((N - 1))); do
     --config.mesh.shape.data=1 --config.mesh.shape.fsdp=-1 "$@"
   [[ -n "$PID" ]] && PIDS+=("$PID")
 done
-for pid in "${PIDS[@]}"; do
-  wait "$pid" && continue
+for _ in "${PIDS[@]}"; do  # as each process ends; the first failure stops the rest
+  wait -n && continue
   rc=$?
   kill "${PIDS[@]}" 2>/dev/null || true
   exit "$rc"

@@ -68,3 +68,14 @@ def test_multi_host_scripts_refuse_a_local_workdir(script, env):
 def test_missing_settings_are_named():
   r = dry_run("tpu_vm.sh", ZONE="z", BUCKET="b")
   assert r.returncode != 0 and "set TPU to the TPU VM name" in r.stderr and r.stdout == ""
+
+
+def test_local_multiprocess_stops_every_process_when_one_fails(tmp_path):
+  """Not a dry run: a stand-in `python` where process 1 fails at once and process 0 would wait for it forever."""
+  fake = tmp_path / "python"
+  fake.write_text('#!/bin/bash\nif [[ "$JAX_PROCESS_ID" == 1 ]]; then exit 7; fi\nsleep 120\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f"{tmp_path}:/usr/bin:/bin", DRY_RUN="0")
+  r = subprocess.run(["bash", str(REPO / "launch" / "local_multiprocess.sh")], env=env, capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 7, r.stderr
