@@ -73,7 +73,7 @@ def test_missing_settings_are_named():
 def test_local_multiprocess_stops_every_process_when_one_fails(tmp_path):
   """Not a dry run: a stand-in `python` where process 1 fails at once and process 0 would wait for it forever."""
   fake = tmp_path / "python"
-  fake.write_text('#!/bin/bash\nif [[ "$JAX_PROCESS_ID" == 1 ]]; then exit 7; fi\nsleep 120\n')
+  fake.write_text('#!/bin/bash\nif [[ "$JAX_PROCESS_ID" == 1 ]]; then exit 7; fi\nexec sleep 120\n')
   fake.chmod(0o755)
   env = dict(os.environ, PATH=f"{tmp_path}:/usr/bin:/bin", DRY_RUN="0")
   r = subprocess.run(["bash", str(REPO / "launch" / "local_multiprocess.sh")], env=env, capture_output=True,
