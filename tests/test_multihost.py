@@ -3,8 +3,8 @@
 All runs start from a tiny HF BERT folder made with transformers, with fsdp over all 8 devices so every parameter
 is split across both processes. Run A (the reference): 1 process x 8 devices, 4 steps, in this pytest process.
 Run B: `launch/local_multiprocess.sh` (2 `python -m bertjax.main` processes x 4 devices), 2 steps; run C: the same
-command with 4 steps resumes from B's checkpoint directory. Losses (TensorBoard events), the final eval loss and
-the final parameters agree with A's.
+command with 4 steps (and the mesh built as 2 DCN slices, one per process) resumes from B's checkpoint directory.
+Losses (TensorBoard events), the final eval loss and the final parameters agree with A's.
 """
 
 import json
@@ -104,7 +104,8 @@ def test_two_processes_train_resume_and_load_hf_like_one(hf_folder, small_corpus
   a, b = tmp_path / "one_process", tmp_path / "two_processes"
   run_in_process(a, [*common, "--config.training.num_train_steps=4"], cache_dir)  # also warms the data caches
   text_b = launch(b, *common, "--config.training.num_train_steps=2", cache=cache_dir)
-  text_c = launch(b, *common, "--config.training.num_train_steps=4", cache=cache_dir)
+  # the resumed run lays the same 8 devices out as 2 slices (one per process, mesh.dcn_shape) x 4 devices
+  text_c = launch(b, *common, "--config.training.num_train_steps=4", "--config.mesh.dcn_shape.fsdp=2", cache=cache_dir)
 
   # fsdp over both processes: each holds about half of the parameter bytes, together all of them
   held = re.findall(r"parameters: (\d+) bytes; process (\d) holds (\d+) of them on its 4 devices", text_b)
@@ -114,6 +115,8 @@ def test_two_processes_train_resume_and_load_hf_like_one(hf_folder, small_corpus
   assert min(int(h[2]) for h in held) > 0.45 * total
   assert text_b.count("loaded 46 tensors") == 2 and "initialised fresh" not in text_b, text_b[-4000:]
   assert text_c.count("Resuming from checkpoint at step 2") == 2, text_c[-4000:]
+  dcn = "mesh over 2 processes: {'data': 1, 'fsdp': 2, 'tensor': 1} across them (DCN) x {'data': 1, 'fsdp': 4, "
+  assert text_c.count(dcn) == 2 and "(DCN)" not in text_b
   assert sorted(os.listdir(b / "checkpoints")) == ["2", "4"]
   assert {"params", "opt_state", "meta"} <= set(os.listdir(b / "checkpoints" / "4"))
 

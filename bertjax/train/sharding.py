@@ -83,6 +83,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     raise UserError(f"mesh.shape {dict(zip(MESH_AXES, ici_sizes))} x mesh.dcn_shape "
                     f"{dict(zip(MESH_AXES, dcn_sizes))} does not fit the {n_slices} slices of "
                     f"{len(devices) // n_slices} devices ({str(e).strip().splitlines()[0]})") from None
+  logging.info("mesh over %d %s: %s across them (DCN) x %s within each", n_slices,
+               "processes" if by_process else "slices", dict(zip(MESH_AXES, dcn_sizes)),
+               dict(zip(MESH_AXES, ici_sizes)))
   return _check_process_order(Mesh(grid, MESH_AXES, axis_types=types))
 
 
