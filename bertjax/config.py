@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   o.max_grad_norm = 1.0
 
   mesh = config.mesh = ml_collections.ConfigDict()
-  mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # within one slice
+  # across slices (multi-slice TPU, or GPU nodes: one slice per process); the mesh is shape x dcn_shape
+  mesh.dcn_shape = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
   mesh.logical_axis_rules = [
       ("batch", ("data", "fsdp")),
       ("vocab", "tensor"),

@@ -37,20 +37,38 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  config = _load_config()
   import jax
   if FLAGS.distributed or (FLAGS.distributed is None and _multihost_env()):
     explicit = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
                                                   ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
     jax.distributed.initialize(**explicit)  # TPU pods, SLURM, ... are auto-detected
-  config = FLAGS.config
-  if config is None:
-    raise UserError("--config is required, e.g. --config=configs/mlm.py")
   name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename or "run"))[0]
   workdir = FLAGS.workdir or os.path.join("workdirs", name)
+  shown = workdir if "://" in workdir else os.path.abspath(workdir)  # a URL stays a URL
   logging.info("JAX %s on %d devices (%s), process %d/%d; workdir %s", jax.__version__, jax.device_count(),
-               jax.devices()[0].platform, jax.process_index(), jax.process_count(), os.path.abspath(workdir))
+               jax.devices()[0].platform, jax.process_index(), jax.process_count(), shown)
   from bertjax.train.trainer import train_and_evaluate
   train_and_evaluate(config, workdir)
+
+
+def _load_config():
+  """The --config file's ConfigDict; a missing or broken file is one UserError line (the flag loads lazily)."""
+  filename = FLAGS["config"].config_filename if FLAGS["config"].present else None
+  if not filename:
+    raise UserError("--config is required, e.g. --config=configs/mlm.py")
+  path = filename.split(":")[0]
+  if not os.path.isfile(path):
+    raise UserError(f"--config={filename}: no such file {os.path.abspath(path)}; pass a config file such as "
+                    "configs/mlm.py")
+  try:
+    config = FLAGS.config
+    config.get("task")  # the first access runs the file's get_config()
+  except OSError as e:
+    raise UserError(f"--config={filename} could not be loaded ({' '.join(str(e).split())})") from None
+  if config is None:
+    raise UserError("--config is required, e.g. --config=configs/mlm.py")
+  return config
 
 
 def _fail(msg: str) -> None:

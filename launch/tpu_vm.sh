@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Pretrain on a Cloud TPU VM (single host or a pod slice). Run from your machine:
-#   TPU=my-tpu ZONE=us-central2-b bash launch/tpu_vm.sh --config.model.preset=base --config.data.corpus=gs://...
-# Every host runs the same command; bertjax calls jax.distributed.initialize() when TPU_WORKER_HOSTNAMES lists
-# several hosts, and each process reads only its shard of the corpus. Use a --workdir every host can reach
-# (a gs:// bucket) so checkpoints resume after preemption.
+# Pretrain on a Cloud TPU VM: a single host or every host of a pod slice. Run from your machine:
+#   TPU=my-tpu ZONE=us-central2-b BUCKET=my-bucket bash launch/tpu_vm.sh --config.model.preset=base \
+#     --config.data.corpus=gs://my-bucket/corpus/*.txt
+#   DRY_RUN=1 TPU=... ZONE=... BUCKET=... bash launch/tpu_vm.sh ...   # print the gcloud command, run nothing
+# `--worker=all` runs the same command on every host; bertjax calls jax.distributed.initialize() when
+# TPU_WORKER_HOSTNAMES lists several hosts. The workdir must be a bucket every host reaches (gs://), so the
+# hosts write one checkpoint directory that survives preemption; the same command resumes from it.
+# Multi-slice: add --config.mesh.dcn_shape.data=<slices> (or -1) and launch on each slice's VMs.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}"
 REPO=${REPO:-https://github.com/bertjax/bertjax}
+CONFIG=${CONFIG:-configs/mlm.py}
 WORKDIR=${WORKDIR:-gs://${BUCKET:?set BUCKET or WORKDIR}/bertjax/mlm}
-gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "
-  set -e
-  [ -d bertjax ] || git clone $REPO bertjax
-  cd bertjax && pip install -q -e '.[tpu]'
-  python -m bertjax.main --config=configs/mlm.py --workdir=$WORKDIR --config.mesh.shape.data=-1 $*
-"
+require_shared_workdir "$WORKDIR"
+TRAIN=$(quote python -m bertjax.main --config="$CONFIG" --workdir="$WORKDIR" "$@")
+run gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
+  "set -e; [ -d bertjax ] || git clone $REPO bertjax; cd bertjax && pip install -q -e '.[tpu]' && $TRAIN"

@@ -43,6 +43,11 @@ CASES = {
     "heads": (["--config.model.hidden_size=100", "--config.model.num_attention_heads=3"],
               "hidden_size=100 is not divisible by model.num_attention_heads=3"),
     "positions": (["--config.data.max_seq_length=1024"], "max_seq_length=1024 exceeds the model's position table"),
+    "zero batch": (["--config.training.global_batch_size=0"], "training.global_batch_size=0 must be a positive"),
+    "negative learning rate": (["--config.optimizer.learning_rate=-0.001"],
+                               "optimizer.learning_rate=-0.001 must be positive"),
+    "short sequences": (["--config.data.max_seq_length=8"],
+                        "data.max_seq_length=8 is too short for pretraining task; use at least 16"),
 }
 
 
@@ -76,3 +81,34 @@ def test_batch_not_divisible_by_data_parallel_devices(workdir):
   assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
   assert "global_batch_size=12" in errors[0] and "data-parallel device count 8" in errors[0]
   assert snapshot(workdir) == before
+
+
+def test_missing_config_file(workdir):
+  before = snapshot(workdir)
+  r = subprocess.run([sys.executable, "-m", "bertjax.main", "--config=configs/missing.py", f"--workdir={workdir}"],
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
+  errors = [l for l in r.stderr.splitlines() if l.startswith("bertjax: error:")]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+  assert "--config=configs/missing.py: no such file" in errors[0] and "Traceback" not in r.stderr
+  assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("optimizer.learning_rate", 0.0, "learning_rate=0.0 must be positive"),
+    ("optimizer.learning_rate", float("nan"), "must be positive"),
+    ("training.eval_batch_size", 0, "eval_batch_size=0 must be"),
+    ("data.max_seq_length", 15, "use at least 16")])
+def test_check_config_rejects(field, value, expected):
+  """The same checks in process (cheap): zero / NaN learning rate, empty eval batch, too-short pretraining pairs."""
+  import sys
+  sys.path.insert(0, str(REPO))
+  from configs import mlm
+
+  from bertjax.errors import UserError
+  from bertjax.tasks import common
+  c = mlm.get_config()
+  common.check_config(c)  # the defaults pass
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(UserError, match=expected):
+    common.check_config(c)

@@ -114,41 +114,59 @@ def fresh_value(path: tuple, like: Any, rng: np.random.Generator, initializer_ra
   return (np.ones if path[-1] == "scale" else np.zeros)(shape, dtype)
 
 
-def _fill(template: Mapping[Any, Any], source: Mapping[tuple, Any], what: str, transpose: bool,
-          head: str | None, seed: int, initializer_range: float) -> tuple[dict, LoadReport, set]:
-  """Copy `source` leaves (by template path) into the template; policy shared by both loaders."""
-  report, out, used = LoadReport(), {}, set()
-  rng = np.random.default_rng(seed)
-
-  def keep(path, init):  # the template's value, or BERT's init when the template is abstract
-    report.fresh.append(hf_key(path))
-    return init if hasattr(init, "__array__") else fresh_value(path, init, rng, initializer_range)
-
+def _plan(template: Mapping[Any, Any], source: Mapping[tuple, Any], what: str, transpose: bool,
+          head: str | None) -> tuple[dict, LoadReport, set]:
+  """Which source leaf fills each template path (None: keep the template's / fresh init); policy shared by every
+  loader. Looks at shapes only, so sources may be lazy (memory maps, checkpoint metadata)."""
+  report, plan, used = LoadReport(), {}, set()
   for path, init in flatten(template).items():
     key = hf_key(path)
     if path not in source:
-      out[path] = keep(path, init)
+      report.fresh.append(key)
+      plan[path] = None
       continue
     used.add(path)
-    arr = np.asarray(source[path])
+    shape = tuple(source[path].shape)
     if transpose and path[-1] == "kernel":
-      arr = arr.T
+      shape = shape[::-1]
     want = tuple(init.shape)
-    if tuple(arr.shape) != want:
+    if shape != want:
       if key.startswith(_TASK_LAYERS):
-        report.notes.append(f"{key}: shape {tuple(arr.shape)} in {what} != {want} in the model (different label "
+        report.notes.append(f"{key}: shape {shape} in {what} != {want} in the model (different label "
                             "count); initialised fresh")
-        out[path] = keep(path, init)
+        report.fresh.append(key)
+        plan[path] = None
         continue
-      raise UserError(f"{key}: shape {tuple(arr.shape)} in {what} != {want} expected from the model config "
+      raise UserError(f"{key}: shape {shape} in {what} != {want} expected from the model config "
                       f"(check {_hint(key)}); make the config match the weights")
-    out[path] = np.ascontiguousarray(arr.astype(getattr(init, "dtype", arr.dtype)))
+    plan[path] = source[path]
     report.loaded.append(key)
   missing = [k for k in report.fresh if k.startswith(_REQUIRED)]
   if missing:
     for_head = f" for head {head!r}" if head else ""
     raise UserError(f"{what} lacks {len(missing)} encoder weights{for_head}, e.g. {missing[0]}: not a complete "
                     "BERT checkpoint, or its num_hidden_layers/layout differs")
+  return plan, report, used
+
+
+def _read(src: Any, path: tuple, transpose: bool, dtype: Any, index: tuple = ()) -> np.ndarray:
+  """`src[index]` of the template-layout leaf at `path` (source kernels are [out, in] when `transpose`)."""
+  if transpose and path[-1] == "kernel":
+    return np.ascontiguousarray(np.asarray(src[tuple(index)[::-1]]).T.astype(dtype))
+  return np.ascontiguousarray(np.asarray(src[tuple(index)]).astype(dtype))
+
+
+def _fill(template: Mapping[Any, Any], source: Mapping[tuple, Any], what: str, transpose: bool,
+          head: str | None, seed: int, initializer_range: float) -> tuple[dict, LoadReport, set]:
+  """Copy `source` leaves (by template path) into the template as numpy arrays."""
+  plan, report, used = _plan(template, source, what, transpose, head)
+  rng, out = np.random.default_rng(seed), {}
+  for path, init in flatten(template).items():
+    src = plan[path]
+    if src is not None:
+      out[path] = _read(src, path, transpose, init.dtype if hasattr(init, "dtype") else np.asarray(src).dtype)
+    else:  # the template's value, or BERT's init when the template is abstract
+      out[path] = init if hasattr(init, "__array__") else fresh_value(path, init, rng, initializer_range)
   return unflatten(out), report, used
 
 
@@ -177,24 +195,32 @@ def init_params(template_params: Mapping[Any, Any], hf_state: Mapping[str, Any],
   target in messages. Template leaves may be arrays (fresh keys keep them) or abstract `jax.ShapeDtypeStruct`s
   (from `nnx.eval_shape`; fresh keys then get `fresh_value`, seeded by `seed`).
   """
+  template, bare, state, by_path, notes = _hf_source(template_params, hf_state)
+  params, report, used = _fill(template, by_path, "the HF weights", True, head, seed, initializer_range)
+  _hf_report(report, state, used, notes)
+  return (params["bert"] if bare else params), report
+
+
+def _hf_source(template_params: Mapping[Any, Any], hf_state: Mapping[str, Any]):
+  """(template as `bert.*`, whether it was bare, canonical state, {template path: source leaf}, notes)."""
   state, notes = canonical_hf_state(hf_state)
   if "bert.embeddings.word_embeddings.weight" not in state:
     raise UserError("no BERT encoder in the HF weights (expected embeddings.word_embeddings.weight, with or "
                     f"without 'bert.'; keys look like {next(iter(hf_state), 'nothing')!r})")
   template, bare = _wrap(template_params)
   _check_layers(template, state)
-  by_path = {}
-  for path in flatten(template):
-    if hf_key(path) in state:
-      by_path[path] = state[hf_key(path)]
-  params, report, used = _fill(template, by_path, "the HF weights", True, head, seed, initializer_range)
+  by_path = {path: state[hf_key(path)] for path in flatten(template) if hf_key(path) in state}
+  return template, bare, state, by_path, notes
+
+
+def _hf_report(report: LoadReport, state: Mapping[str, Any], used: set, notes: list[str]) -> None:
   used_keys = {hf_key(p) for p in used}
   report.unused = sorted(k for k in state if k not in used_keys)
-  dtypes = sorted({str(np.asarray(state[k]).dtype) for k in used_keys} - {"float32"})
+  dtype = lambda v: np.dtype(v.dtype) if hasattr(v, "dtype") else np.asarray(v).dtype
+  dtypes = sorted({str(dtype(state[k])) for k in used_keys} - {"float32"})
   if dtypes:
     notes.append(f"source weights are {'/'.join(dtypes)}; converted to the model's float32")
   report.notes[:0] = notes
-  return (params["bert"] if bare else params), report
 
 
 def init_from_hf(template_params: Mapping[Any, Any], name_or_path: str, head: str | None = None, *,
@@ -218,6 +244,17 @@ def init_from_checkpoint(template_params: Mapping[Any, Any], step_dir_or_workdir
   from bertjax.train import checkpoint  # orbax: imported only when needed
   src, meta = checkpoint.load_params(step_dir_or_workdir)
   step_dir = checkpoint.resolve_step_dir(step_dir_or_workdir)
+  saved = check_architecture(step_dir, meta, cfg)
+  template, bare = _wrap(template_params)
+  source = flatten(src)
+  init_range = (cfg.initializer_range if cfg else saved.get("initializer_range", 0.02))
+  params, report, used = _fill(template, source, f"checkpoint {step_dir}", False, None, seed, init_range)
+  checkpoint_report(report, step_dir, meta, source, used)
+  return (params["bert"] if bare else params), report
+
+
+def check_architecture(step_dir: str, meta: Mapping[str, Any], cfg: BertConfig | None) -> dict:
+  """The checkpoint's saved model config, after checking it matches `cfg` (when given)."""
   saved = meta.get("model_config") or {}
   if cfg is not None:
     diff = [f"{k}={saved[k]!r} (checkpoint) vs {getattr(cfg, k)!r}" for k in _ARCH_FIELDS
@@ -225,13 +262,13 @@ def init_from_checkpoint(template_params: Mapping[Any, Any], step_dir_or_workdir
     if diff:
       raise UserError(f"checkpoint {step_dir} has a different architecture: {'; '.join(diff)}; set the model "
                       "config to match it")
-  template, bare = _wrap(template_params)
-  source = flatten(src)
-  init_range = (cfg.initializer_range if cfg else saved.get("initializer_range", 0.02))
-  params, report, used = _fill(template, source, f"checkpoint {step_dir}", False, None, seed, init_range)
+  return saved
+
+
+def checkpoint_report(report: LoadReport, step_dir: str, meta: Mapping[str, Any], source: Mapping[tuple, Any],
+                      used: set) -> None:
   report.unused = sorted(hf_key(p) for p in source if p not in used)
   report.notes.insert(0, f"from {step_dir} (head {meta.get('head')!r})")
-  return (params["bert"] if bare else params), report
 
 
 # ------------------------------------------------------------------------------------------ model helpers

@@ -111,8 +111,11 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """A .safetensors file -> {key: numpy array}, exact dtypes (bfloat16 via ml_dtypes), no torch needed."""
+def read_safetensors(path: str, lazy: bool = False) -> dict[str, np.ndarray]:
+  """A .safetensors file -> {key: numpy array}, exact dtypes (bfloat16 via ml_dtypes), no torch needed.
+
+  With `lazy` the arrays are read-only views of a memory map: indexing one reads only the bytes of that slice,
+  so a process that places a sharded parameter reads just the part its devices hold."""
   try:
     with open(path, "rb") as f:
       (n,) = struct.unpack("<Q", f.read(8))
@@ -128,7 +131,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       raise UserError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
     dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
     start, end = info["data_offsets"]
-    out[key] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"]).copy()
+    view = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+    out[key] = view if lazy else view.copy()
   del data
   return out
 
@@ -154,12 +158,15 @@ def _shards(index: str) -> list[str]:
     return sorted(set(json.load(f)["weight_map"].values()))
 
 
-def read_weights(folder: str) -> tuple[dict[str, np.ndarray], str]:
-  """The state dict of `folder` (model.safetensors, sharded safetensors, or pytorch_model.bin) and its file."""
+def read_weights(folder: str, lazy: bool = False) -> tuple[dict[str, np.ndarray], str]:
+  """The state dict of `folder` (model.safetensors, sharded safetensors, or pytorch_model.bin) and its file.
+
+  `lazy`: safetensors tensors are memory-mapped views (see `read_safetensors`); pickles are always read whole."""
   join = lambda name: os.path.join(folder, name)
+  safetensors = lambda path: read_safetensors(path, lazy)
   if os.path.isfile(join("model.safetensors")):
-    return read_safetensors(join("model.safetensors")), "model.safetensors"
-  for index, reader in (("model.safetensors.index.json", read_safetensors),
+    return safetensors(join("model.safetensors")), "model.safetensors"
+  for index, reader in (("model.safetensors.index.json", safetensors),
                         ("pytorch_model.bin.index.json", _torch_load)):
     if os.path.isfile(join(index)):
       out: dict[str, np.ndarray] = {}

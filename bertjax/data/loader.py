@@ -1,9 +1,13 @@
-"""Deterministic, resumable, per-process batches from in-memory example arrays, prefetched onto devices.
+"""Deterministic, resumable batches from example arrays, the same global batches for any process count.
 
-A batch is a pure function of (seed, step, process): epoch `e` visits the examples in permutation `e`, and a
-per-batch transform (e.g. dynamic masking) gets a generator seeded by (seed, step, process). Resuming at
-step `s` therefore reproduces exactly the batches an uninterrupted run would have seen; the checkpoint only
-needs the step. Each process draws only its `global_batch / process_count` rows.
+The global batch at step `s` is a pure function of (seed, s): epoch `e` visits the examples in permutation `e`
+(seeded by the seed and epoch only), and a per-batch transform (e.g. dynamic masking) gets a generator seeded
+by (seed, step). Each of `process_count` processes takes its contiguous slice of the global batch (rows
+`[i * B / P, (i + 1) * B / P)`), reads only those rows of `examples` (which may be lazily read arrays such as
+`np.memmap`) and transforms only them. The transform's per-row random numbers are drawn for the whole global
+batch and sliced (`SlicedGenerator`), so 2 processes see exactly the rows and the masking that 1 process sees.
+Resuming at step `s` reproduces the batches an uninterrupted run would have seen; the checkpoint only needs the
+step.
 """
 
 from __future__ import annotations
@@ -18,37 +22,90 @@ from bertjax.errors import UserError
 
 Batch = dict[str, np.ndarray]
 Transform = Callable[[Batch, np.random.Generator], Batch]
+# The 0 in the seeds below stood for the process index when every process drew its own stream; it stays so that
+# single-process runs reproduce the batches of earlier versions exactly.
+_LEGACY_PROCESS = 0
+
+
+class SlicedGenerator:
+  """A numpy Generator stand-in that draws per-row arrays for the global batch and returns this process's rows.
+
+  A transform sees a local batch of `hi - lo` rows; a draw whose leading dimension is that row count is drawn
+  with the global row count instead and sliced to `[lo, hi)`, so every row's numbers are the same whichever
+  process transforms it. Other draws (scalars, other shapes) are global: identical on every process.
+  """
+
+  def __init__(self, rng: np.random.Generator, global_rows: int, lo: int, hi: int):
+    self._rng, self._global, self._lo, self._hi = rng, global_rows, lo, hi
+
+  def _draw(self, fn: Callable, size) -> np.ndarray:
+    shape = (size,) if isinstance(size, (int, np.integer)) else tuple(size) if size is not None else ()
+    if shape and shape[0] == self._hi - self._lo:
+      return fn((self._global, *shape[1:]))[self._lo:self._hi]
+    return fn(size)
+
+  def random(self, size=None, dtype=np.float64):
+    return self._draw(lambda s: self._rng.random(s, dtype), size)
+
+  def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
+    return self._draw(lambda s: self._rng.integers(low, high, s, dtype, endpoint), size)
+
+  def uniform(self, low=0.0, high=1.0, size=None):
+    return self._draw(lambda s: self._rng.uniform(low, high, s), size)
+
+  def __getattr__(self, name):
+    raise AttributeError(f"SlicedGenerator has no {name!r}: a batch transform may draw only random / integers / "
+                         "uniform, so that its numbers do not depend on the process count")
+
+
+def _transform_rng(seed_seq: list[int], global_rows: int, lo: int, hi: int):
+  rng = np.random.default_rng(seed_seq)
+  return rng if (lo, hi) == (0, global_rows) else SlicedGenerator(rng, global_rows, lo, hi)
+
+
+def process_slice(global_batch: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """The contiguous rows `[lo, hi)` of a global batch that one process reads."""
+  if global_batch % process_count:
+    raise UserError(f"global batch {global_batch} is not divisible by the {process_count} processes")
+  local = global_batch // process_count
+  return process_index * local, (process_index + 1) * local
 
 
 class BatchSource:
-  """Shuffled, epoch-based batches of the rows of `examples` (dict of equal-length arrays)."""
+  """Shuffled, epoch-based global batches of the rows of `examples` (dict of equal-length arrays, all rows)."""
 
   def __init__(self, examples: Batch, global_batch: int, seed: int, process_index: int = 0,
                process_count: int = 1, transform: Transform | None = None, name: str = "train"):
     self.examples = examples
     self.n = len(next(iter(examples.values())))
-    if global_batch % process_count:
-      raise UserError(f"global batch {global_batch} is not divisible by the {process_count} processes")
-    self.local_batch = global_batch // process_count
-    if self.n < self.local_batch:
-      raise UserError(f"the {name} split has {self.n} examples, fewer than one batch of {self.local_batch}; "
+    self.lo, self.hi = process_slice(global_batch, process_index, process_count)
+    self.global_batch, self.local_batch = global_batch, self.hi - self.lo
+    if self.n < global_batch:
+      raise UserError(f"the {name} split has {self.n} examples, fewer than one global batch of {global_batch}; "
                       "lower the batch size or use a larger corpus")
-    self.steps_per_epoch = self.n // self.local_batch
-    self.seed, self.process_index, self.transform = seed, process_index, transform
+    self.steps_per_epoch = self.n // global_batch
+    self.seed, self.transform = seed, transform
     self._perm_epoch, self._perm = -1, None
 
-  def indices(self, step: int) -> np.ndarray:
+  def global_indices(self, step: int) -> np.ndarray:
+    """The example indices of the whole global batch at `step` (the same for every process count)."""
     epoch, i = divmod(step, self.steps_per_epoch)
     if epoch != self._perm_epoch:
-      self._perm = np.random.default_rng([self.seed, epoch, self.process_index]).permutation(self.n)
+      self._perm = np.random.default_rng([self.seed, epoch, _LEGACY_PROCESS]).permutation(self.n)
       self._perm_epoch = epoch
-    return self._perm[i * self.local_batch:(i + 1) * self.local_batch]
+    return self._perm[i * self.global_batch:(i + 1) * self.global_batch]
+
+  def indices(self, step: int) -> np.ndarray:
+    """This process's rows of the global batch at `step`."""
+    return self.global_indices(step)[self.lo:self.hi]
 
   def batch(self, step: int) -> Batch:
     idx = self.indices(step)
-    b = {k: v[idx] for k, v in self.examples.items()}
+    order = np.argsort(idx, kind="stable")  # read rows in file order (cheap on memmaps), then restore the order
+    b = {k: _take(v, idx, order) for k, v in self.examples.items()}
     if self.transform is not None:
-      b = self.transform(b, np.random.default_rng([self.seed, step, self.process_index, 1]))
+      b = self.transform(b, _transform_rng([self.seed, step, _LEGACY_PROCESS, 1], self.global_batch, self.lo,
+                                           self.hi))
     return b
 
   def __call__(self, start_step: int) -> Iterator[Batch]:
@@ -58,23 +115,34 @@ class BatchSource:
       step += 1
 
 
+def _take(array, idx: np.ndarray, order: np.ndarray) -> np.ndarray:
+  """`array[idx]` reading the rows in ascending order (lazy arrays read each row once, front to back)."""
+  if isinstance(array, np.ndarray) and not isinstance(array, np.memmap):
+    return array[idx]
+  out = np.asarray(array[idx[order]])
+  inverse = np.empty_like(order)
+  inverse[order] = np.arange(len(order))
+  return out[inverse]
+
+
 def eval_batches(examples: Batch, global_batch: int, transform: Transform | None, seed: int,
                  process_index: int = 0, process_count: int = 1) -> list[Batch]:
   """The whole eval split in order, the last batch padded with weight-0 rows; fixed masking per seed.
 
-  Every process gets the same number of batches and takes its own slice of each global batch.
+  Every process gets the same number of batches and takes its own contiguous slice of each global batch; the
+  masking of a row does not depend on the process count.
   """
   n = len(next(iter(examples.values())))
+  lo, hi = process_slice(global_batch, process_index, process_count)
   out = []
   for i, start in enumerate(range(0, n, global_batch)):
-    idx = np.arange(start, start + global_batch)
+    idx = np.arange(start, start + global_batch)[lo:hi]
     valid = idx < n
     idx = np.where(valid, idx, 0)
-    local = slice(process_index * global_batch // process_count, (process_index + 1) * global_batch // process_count)
-    b = {k: v[idx[local]] for k, v in examples.items()}
-    b["example_weights"] = valid[local].astype(np.float32)
+    b = {k: v[idx] for k, v in examples.items()}
+    b["example_weights"] = valid.astype(np.float32)
     if transform is not None:
-      b = transform(b, np.random.default_rng([seed, i, process_index, 2]))
+      b = transform(b, _transform_rng([seed, i, _LEGACY_PROCESS, 2], global_batch, lo, hi))
     out.append(b)
   return out
 

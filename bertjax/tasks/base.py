@@ -26,9 +26,12 @@ class Task(Protocol):
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module: ...
 
-  def train_source(self) -> BatchSource: ...
+  def train_source(self) -> BatchSource:
+    """A BatchSource over ALL training rows, given jax.process_index()/process_count(): it picks this process's
+    slice of each global batch, so the data order does not depend on the process count."""
 
-  def eval_batches(self) -> list[Batch]: ...
+  def eval_batches(self) -> list[Batch]:
+    """This process's slices of the global eval batches (loader.eval_batches)."""
 
   def loss_fn(self, model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None, deterministic: bool) -> LossOutput:
     """Scalar loss and metrics as {name: (total, count)}."""

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
-
-import numpy as np
+from typing import Any
 
 from ml_collections import ConfigDict
 
@@ -17,6 +15,8 @@ _ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "inte
                 "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps",
                 "initializer_range")
 _RUN_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dtype")
+MIN_SEQ_LENGTH = 8  # fine-tuning
+MIN_PRETRAINING_SEQ_LENGTH = 16  # see check_seq_length
 
 
 def check_seq_length(config: ConfigDict) -> None:
@@ -25,13 +25,25 @@ def check_seq_length(config: ConfigDict) -> None:
   if mpe and config.data.max_seq_length > mpe:
     raise UserError(f"data.max_seq_length={config.data.max_seq_length} exceeds the model's position table "
                     f"(model.max_position_embeddings={mpe}); lower max_seq_length or raise the table")
-  if config.data.max_seq_length < 8:
-    raise UserError(f"data.max_seq_length={config.data.max_seq_length} is too short; use at least 8")
+  # Pretraining pairs spend 3 positions on [CLS]/[SEP]/[SEP] and mask 15% of the rest: at 16 tokens that is 13
+  # text tokens in two segments and 2 masked ones, the least that still teaches MLM and NSP anything; below it
+  # most pairs are cut to a word or two per segment. A fine-tuning input ([CLS] text [SEP]) can be shorter.
+  least = MIN_PRETRAINING_SEQ_LENGTH if config.get("task") == "pretraining" else MIN_SEQ_LENGTH
+  if config.data.max_seq_length < least:
+    raise UserError(f"data.max_seq_length={config.data.max_seq_length} is too short for {config.get('task') or 'this'} "
+                    f"task; use at least {least}")
 
 
 def check_config(config: ConfigDict) -> None:
-  """Cheap static checks of `config.model` / `config.data` before any data is loaded."""
+  """Cheap static checks of `config.model` / `config.data` / `config.training` / `config.optimizer` before any data
+  is loaded (and before anything is written to the workdir)."""
   check_seq_length(config)
+  t, o = config.training, config.optimizer
+  for name in ("global_batch_size", "eval_batch_size"):
+    if int(t[name]) < 1:
+      raise UserError(f"training.{name}={t[name]} must be a positive number of examples")
+  if not float(o.learning_rate) > 0:  # also catches NaN
+    raise UserError(f"optimizer.learning_rate={o.learning_rate} must be positive (e.g. 1e-4)")
   if not (config.get("init_checkpoint") or config.get("init_from_hf")):
     model_config(config, vocab_size=1)  # raises on e.g. a hidden size the head count does not divide
 
@@ -85,10 +97,3 @@ def pretrained_tokenizer_dir(config: ConfigDict) -> str | None:
     return hf.tokenizer_dir(config.init_from_hf)
   return None
 
-
-def shard_rows(arrays: Mapping[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
-  """This process's rows (strided, equal counts on every process so all run the same steps)."""
-  if count == 1:
-    return dict(arrays)
-  n = len(next(iter(arrays.values()))) // count
-  return {k: v[index::count][:n] for k, v in arrays.items()}

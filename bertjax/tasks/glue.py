@@ -161,8 +161,7 @@ class GlueTask:
     return {k: self.splits[split][k] for k in MODEL_ARRAYS}
 
   def train_source(self) -> loader.BatchSource:
-    rows = common.shard_rows(self._arrays("train"), jax.process_index(), jax.process_count())
-    return loader.BatchSource(rows, self.config.training.global_batch_size, self.config.seed,
+    return loader.BatchSource(self._arrays("train"), self.config.training.global_batch_size, self.config.seed,
                               jax.process_index(), jax.process_count(), name="train")
 
   def _batches(self, split: str) -> list[loader.Batch]:

@@ -117,8 +117,7 @@ class SquadTask:
 
   def train_source(self) -> loader.BatchSource:
     c = self.config
-    rows = common.shard_rows(self._model_arrays("train"), jax.process_index(), jax.process_count())
-    return loader.BatchSource(rows, c.training.global_batch_size, c.seed, jax.process_index(),
+    return loader.BatchSource(self._model_arrays("train"), c.training.global_batch_size, c.seed, jax.process_index(),
                               jax.process_count())
 
   def eval_batches(self) -> list[loader.Batch]:

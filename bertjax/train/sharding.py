@@ -1,20 +1,28 @@
 """Mesh from config and logical-axis rules -> `NamedSharding`s (MaxText style).
 
+The mesh has axes (data, fsdp, tensor). `config.mesh.shape` sizes them within one slice (one may be -1: the rest
+of the devices); the devices are laid out by `jax.make_mesh`, which follows the physical topology (e.g. TPU ICI
+rings). For multi-slice runs `config.mesh.dcn_shape` sizes the same axes across slices (data centre network;
+one may be -1: the number of slices) and `mesh_utils.create_hybrid_device_mesh` nests the slices outside; the
+full mesh is their elementwise product. Slices are TPU slices (`device.slice_index`), else processes (GPU nodes).
+
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `mlp`, `norm`, None) set where they are
 created; `config.mesh.logical_axis_rules` (defaults in `bertjax/config.py`) maps each name to mesh axes. A
 dimension that the mapped mesh axes do not divide evenly is replicated instead (e.g. an odd vocabulary on
-`tensor`).
+`tensor`), and that is logged once per parameter.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from bertjax.errors import UserError
 
@@ -22,22 +30,90 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over all devices with axes (data, fsdp, tensor); one size may be -1 (the rest of the devices)."""
-  devices = list(devices if devices is not None else jax.devices())
+def _resolve(shape: Mapping[str, int], n: int, what: str) -> list[int]:
+  """Axis sizes for `n` devices (or slices) from a {axis: size} dict in which one size may be -1."""
+  unknown_axes = set(shape) - set(MESH_AXES)
+  if unknown_axes:
+    raise UserError(f"{what} has unknown axes {sorted(unknown_axes)}; use {', '.join(MESH_AXES)}")
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  shown = dict(zip(MESH_AXES, sizes))
   unknown = [i for i, s in enumerate(sizes) if s == -1]
   known = int(np.prod([s for s in sizes if s != -1]))
   if len(unknown) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise UserError(f"mesh.shape {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1, the rest positive")
+    raise UserError(f"{what} {shown}: at most one axis may be -1, the rest positive")
   if unknown:
-    if len(devices) % known:
-      raise UserError(f"mesh.shape {dict(zip(MESH_AXES, sizes))} does not divide the {len(devices)} devices")
-    sizes[unknown[0]] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise UserError(f"mesh.shape {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                    f"but {len(devices)} are available; set one axis to -1")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    if n % known:
+      raise UserError(f"{what} {shown} does not divide the {n} {'slices' if 'dcn' in what else 'devices'}")
+    sizes[unknown[0]] = n // known
+  if int(np.prod(sizes)) != n:
+    unit = "slices" if "dcn" in what else "devices"
+    raise UserError(f"{what} {shown} needs {int(np.prod(sizes))} {unit}, but {n} are available; "
+                    "set one axis to -1")
+  return sizes
+
+
+def _granules(devices: Sequence[jax.Device]) -> tuple[int, bool]:
+  """(number of slices, whether slices are processes): TPU slice_index when there are several, else processes."""
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  if len(slices) > 1 and None not in slices:
+    return len(slices), False
+  return len({d.process_index for d in devices}), True
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              dcn_shape: Mapping[str, int] | None = None) -> Mesh:
+  """A topology-aware mesh over all devices with axes (data, fsdp, tensor); see the module docstring."""
+  devices = list(devices if devices is not None else jax.devices())
+  types = (AxisType.Auto,) * len(MESH_AXES)  # shardings come from the jit in/out specs, not from types
+  dcn = {a: int(v) for a, v in (dcn_shape or {}).items()}
+  if all(v == 1 for v in dcn.values()):
+    sizes = _resolve(shape, len(devices), "mesh.shape")
+    try:
+      mesh = jax.make_mesh(sizes, MESH_AXES, axis_types=types, devices=devices)
+    except ValueError as e:  # several TPU slices, or a topology the shape cannot be laid onto
+      raise UserError(f"mesh.shape {dict(zip(MESH_AXES, sizes))} cannot be laid out on these devices "
+                      f"({str(e).strip().splitlines()[0]}); for several slices set mesh.dcn_shape") from None
+    return _check_process_order(mesh)
+  n_slices, by_process = _granules(devices)
+  dcn_sizes = _resolve(dcn, n_slices, "mesh.dcn_shape")
+  ici_sizes = _resolve(shape, len(devices) // n_slices, "mesh.shape (per slice)")
+  try:
+    grid = mesh_utils.create_hybrid_device_mesh(ici_sizes, dcn_sizes, devices, process_is_granule=by_process)
+  except ValueError as e:
+    raise UserError(f"mesh.shape {dict(zip(MESH_AXES, ici_sizes))} x mesh.dcn_shape "
+                    f"{dict(zip(MESH_AXES, dcn_sizes))} does not fit the {n_slices} slices of "
+                    f"{len(devices) // n_slices} devices ({str(e).strip().splitlines()[0]})") from None
+  logging.info("mesh over %d %s: %s across them (DCN) x %s within each", n_slices,
+               "processes" if by_process else "slices", dict(zip(MESH_AXES, dcn_sizes)),
+               dict(zip(MESH_AXES, ici_sizes)))
+  return _check_process_order(Mesh(grid, MESH_AXES, axis_types=types))
+
+
+def _check_process_order(mesh: Mesh) -> Mesh:
+  """The loader gives process p the p-th block of every global batch; say so when the mesh orders them otherwise
+  (the batch is then a permutation of those blocks: the same rows, the loss the same up to summation order)."""
+  processes = sorted({d.process_index for d in mesh.devices.flat})
+  if len(processes) > 1:
+    dp = data_parallel_size(mesh)
+    for i, p in enumerate(processes):
+      lo, hi = process_batch_rows(mesh, dp, p)
+      if (lo, hi) != (i * dp // len(processes), (i + 1) * dp // len(processes)):
+        logging.warning("mesh %s places process %d's batch rows at [%d, %d) of %d; the global batch order then "
+                        "differs from a single-process run", dict(mesh.shape), p, lo, hi, dp)
+        break
+  return mesh
+
+
+def process_batch_rows(mesh: Mesh, global_batch: int, process_index: int | None = None) -> tuple[int, int]:
+  """The contiguous rows `[lo, hi)` of a global batch that `process_index`'s devices hold (batch sharding)."""
+  p = jax.process_index() if process_index is None else process_index
+  index_map = batch_sharding(mesh).devices_indices_map((global_batch,))
+  rows = sorted({r for d, (sl,) in index_map.items() if d.process_index == p
+                 for r in range(*sl.indices(global_batch))})
+  if not rows or rows != list(range(rows[0], rows[-1] + 1)):
+    raise UserError(f"process {p} holds non-contiguous rows of the batch on mesh {dict(mesh.shape)}; "
+                    "reorder mesh.shape so that the batch axes (data, fsdp) are split by process")
+  return rows[0], rows[-1] + 1
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -45,19 +121,23 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]]) -> P:
-  """Logical names of one array -> PartitionSpec, replicating dims the mesh axes don't divide."""
+                    rules: Sequence[tuple[str, Any]], what: str = "") -> P:
+  """Logical names of one array -> PartitionSpec, replicating dims the mesh axes don't divide (logged when
+  `what` names the array)."""
   if not names:
     return P()
   table = dict(rules)
   used: set[str] = set()
   spec = []
-  for name, dim in zip(names, shape):
+  for i, (name, dim) in enumerate(zip(names, shape)):
     axes = table.get(name) if name is not None else None
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     axes = tuple(a for a in axes if a in mesh.shape and a not in used and mesh.shape[a] > 1)
     size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     if not axes or dim % size:
+      if axes and what:
+        logging.info("%s: dimension %d (%s, size %d) is not divisible by mesh axes %s (%d); replicated",
+                     what, i, name, dim, "x".join(axes), size)
       spec.append(None)
       continue
     used.update(axes)
@@ -69,11 +149,12 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, An
   """Pure-dict tree of NamedShardings for the model's `nnx.Param`s, from their logical axis names."""
   state = nnx.state(model, nnx.Param)
 
-  def one(v):
+  def one(path, v):
     names = v.get_metadata().get("out_sharding")
-    return NamedSharding(mesh, logical_to_spec(names, v.shape, mesh, rules))
+    what = "/".join(str(getattr(k, "key", k)) for k in path)
+    return NamedSharding(mesh, logical_to_spec(names, v.shape, mesh, rules, what))
 
-  specs = jax.tree_util.tree_map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  specs = jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(specs)
 
 

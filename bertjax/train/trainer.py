@@ -44,7 +44,7 @@ class Trainer:
     t = config.training
     common.check_config(config)
     self.task = task if task is not None else tasks.get(config.task)(config, workdir)
-    self.mesh = sharding.make_mesh(dict(config.mesh.shape), devices)
+    self.mesh = sharding.make_mesh(dict(config.mesh.shape), devices, dict(config.mesh.get("dcn_shape", {})))
     self.rules = [tuple(r) for r in config.mesh.logical_axis_rules]
     dp = sharding.data_parallel_size(self.mesh)
     accum = int(t.get("grad_accum_steps", 1))
@@ -103,24 +103,29 @@ class Trainer:
 
     params = jax.jit(init, out_shardings=self.param_sh)()
     params = self._load_pretrained(params)
+    leaves = jax.tree_util.tree_leaves(params)  # where the parameters live (multi-host: each process its part)
+    held = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.replica_id == 0)
+    logging.info("parameters: %d bytes; process %d holds %d of them on its %d devices (each copy counted once)",
+                 sum(x.nbytes for x in leaves), jax.process_index(), held, jax.local_device_count())
     opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
     rng = jax.random.key_data(jax.random.key(cfg.seed + 1))
     return TrainState(0, params, opt_state, rng)
 
   def _load_pretrained(self, params):
+    """Fill the fresh sharded params from init_checkpoint / init_from_hf, straight onto their shardings (each
+    process reads only the slices its devices hold; nothing is gathered to one host)."""
     cfg = self.config
     if not (cfg.get("init_checkpoint") or cfg.get("init_from_hf")):
       return params
-    from bertjax.convert import hf
-    host = jax.tree_util.tree_map(np.asarray, params)
+    from bertjax.convert import place
     if cfg.get("init_checkpoint"):
-      loaded, report = hf.init_from_checkpoint(host, cfg.init_checkpoint)
+      params, report = place.from_checkpoint(params, cfg.init_checkpoint)
       source = cfg.init_checkpoint
     else:
-      loaded, report = hf.init_from_hf(host, cfg.init_from_hf)
+      params, report = place.from_hf(params, cfg.init_from_hf)
       source = cfg.init_from_hf
     logging.info("initialised from %s:\n  %s", source, "\n  ".join(report.lines()))
-    return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), loaded, self.param_sh)
+    return params
 
   # -- steps ----------------------------------------------------------------------------------------------
   def _compile_steps(self) -> None:
@@ -304,9 +309,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   from clu import metric_writers, periodic_actions  # imports TensorFlow: only once the inputs are known good
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if state.step == 0 and jax.process_index() == 0:
-    from clu import parameter_overview
-    logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(
-        jax.tree_util.tree_map(np.asarray, state.params)))
+    from clu import parameter_overview  # shapes, sizes and shardings from array metadata: nothing leaves the devices
+    logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params,
+                                                                                    include_stats="sharding"))
     writer.write_hparams(_flat(config.to_dict()))
   n_steps = trainer.num_train_steps
   report = periodic_actions.ReportProgress(num_train_steps=n_steps, writer=writer, every_steps=t.log_every_steps)

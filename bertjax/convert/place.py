@@ -1,0 +1,73 @@
+"""Pretrained weights placed straight onto their target shardings: each process reads only what it holds.
+
+    params = jax.jit(init, out_shardings=shardings)()          # fresh, sharded (any head)
+    params, report = place.from_hf(params, "bert-base-uncased")  # or place.from_checkpoint(params, workdir)
+
+The same policy and load report as `hf.init_params` / `hf.init_from_checkpoint` (fresh heads, re-initialised task
+layers, unused keys); fresh keys keep the given params. An HF tensor becomes a global array through
+`jax.make_array_from_callback`, whose callback reads only the slice of the memory-mapped safetensors file that
+one local device holds (`pytorch_model.bin` pickles are read whole); a bertjax checkpoint is restored by orbax
+onto the target shardings, only the tensors the model uses. Nothing is gathered to one host.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Mapping
+
+import jax
+
+from bertjax.convert import hf, hf_io
+from bertjax.convert.mapping import flatten, unflatten
+
+
+def _assemble(template: Mapping[Any, Any], plan: Mapping[tuple, Any], bare: bool, load) -> dict:
+  out = {path: (cur if plan[path] is None else load(path, cur)) for path, cur in flatten(template).items()}
+  tree = unflatten(out)
+  return tree["bert"] if bare else tree
+
+
+def from_hf(params: Mapping[Any, Any], name_or_path: str, head: str | None = None) -> tuple[dict, hf.LoadReport]:
+  """`params` (sharded jax arrays) with every tensor of the HF folder / hub model that fits placed into it."""
+  folder = hf_io.resolve_source(name_or_path)
+  hf_io.read_config(folder)  # the same checks as init_from_hf
+  state, _ = hf_io.read_weights(folder, lazy=True)
+  template, bare, state, by_path, notes = hf._hf_source(params, state)
+  plan, report, used = hf._plan(template, by_path, "the HF weights", True, head)
+  hf._hf_report(report, state, used, notes)
+
+  def load(path, cur):
+    read = functools.partial(hf._read, plan[path], path, True, cur.dtype)
+    return jax.make_array_from_callback(cur.shape, cur.sharding, read)
+
+  return _assemble(template, plan, bare, load), report
+
+
+def _str_keys(path: tuple) -> tuple:
+  return tuple(str(p) for p in path)  # orbax stores dict keys (layer indices too) as strings
+
+
+def from_checkpoint(params: Mapping[Any, Any], step_dir_or_workdir: str,
+                    cfg: hf.BertConfig | None = None) -> tuple[dict, hf.LoadReport]:
+  """`params` (sharded jax arrays) with the matching tensors of a bertjax checkpoint restored onto their
+  shardings; only those tensors are read."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  from bertjax.train import checkpoint
+  step_dir = checkpoint.resolve_step_dir(step_dir_or_workdir)
+  meta = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir) / "meta", args=ocp.args.JsonRestore()) or {}
+  hf.check_architecture(step_dir, meta, cfg)
+  params_dir = os.path.join(step_dir, "params")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(params_dir).item_metadata.tree
+    source = {tuple(int(p) if p.isdigit() else p for p in path): v for path, v in flatten(tree).items()}
+    template, bare = hf._wrap(params)
+    plan, report, used = hf._plan(template, source, f"checkpoint {step_dir}", False, None)
+    item = unflatten({_str_keys(path): jax.ShapeDtypeStruct(cur.shape, cur.dtype, sharding=cur.sharding)
+                      for path, cur in flatten(template).items() if plan[path] is not None})
+    restored = flatten(ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+  hf.checkpoint_report(report, step_dir, meta, source, used)
+  return _assemble(template, plan, bare, lambda path, cur: restored[_str_keys(path)]), report

@@ -1,0 +1,90 @@
+"""The global batch (rows and masking) is a pure function of (seed, step), whatever the process count."""
+
+import numpy as np
+import pytest
+
+from bertjax.data import loader, pretraining as pt
+
+
+def pairs(n=61, length=24, vocab=50, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(5, vocab, (n, length)).astype(np.int32)
+  ids[:, 0], ids[:, -1] = 2, 3
+  return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "word_starts": rng.random((n, length)) < 0.7,
+          "nsp_labels": rng.integers(0, 2, n).astype(np.int32)}
+
+
+def masker(whole_word=False):
+  return pt.Masker(pt.MaskConfig(max_predictions=5, whole_word=whole_word), 50, [0, 1, 2, 3, 4], 4, 0)
+
+
+def concat(parts):
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.mark.parametrize("count", [2, 4])
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_train_batches_do_not_depend_on_the_process_count(count, whole_word):
+  data = pairs()
+  one = loader.BatchSource(data, 8, seed=3, transform=masker(whole_word))
+  many = [loader.BatchSource(data, 8, 3, i, count, masker(whole_word)) for i in range(count)]
+  assert one.steps_per_epoch == many[0].steps_per_epoch == 61 // 8
+  for step in (0, 5, 7, 8, 20):  # crosses epochs
+    ref = one.batch(step)
+    got = concat([m.batch(step) for m in many])
+    assert set(ref) == set(got)
+    for k in ref:
+      np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{k} at step {step}")
+    assert ref["masked_weights"].sum() > 0
+  assert not np.array_equal(one.batch(0)["input_ids"], one.batch(1)["input_ids"])
+
+
+def test_a_process_reads_only_its_rows():
+  data = pairs()
+  src = loader.BatchSource(data, 8, 3, 1, 2)
+  glob = src.global_indices(4)
+  np.testing.assert_array_equal(src.indices(4), glob[4:])
+  np.testing.assert_array_equal(src.batch(4)["input_ids"], data["input_ids"][glob[4:]])
+
+
+def test_memmap_rows_equal_in_memory_rows(tmp_path):
+  data = pairs()
+  mm = {}
+  for k, v in data.items():
+    mm[k] = np.lib.format.open_memmap(tmp_path / f"{k}.npy", "w+", v.dtype, v.shape)
+    mm[k][:] = v
+  a = loader.BatchSource(data, 8, 3, 0, 2, masker()).batch(9)
+  b = loader.BatchSource(mm, 8, 3, 0, 2, masker()).batch(9)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_eval_batches_do_not_depend_on_the_process_count(count):
+  data = pairs(n=21)
+  ref = loader.eval_batches(data, 8, masker(), 5)
+  parts = [loader.eval_batches(data, 8, masker(), 5, i, count) for i in range(count)]
+  assert len(ref) == 3 and all(len(p) == 3 for p in parts)
+  for j, r in enumerate(ref):
+    got = concat([p[j] for p in parts])
+    for k in r:
+      np.testing.assert_array_equal(got[k], r[k], err_msg=f"{k} in eval batch {j}")
+  assert ref[-1]["nsp_weights"].tolist() == [1.0] * 5 + [0.0] * 3
+
+
+def test_single_process_batches_are_unchanged_from_the_per_process_stream():
+  """One process reproduces the stream of earlier versions (seeded [seed, epoch, 0] / [seed, step, 0, 1])."""
+  data = pairs()
+  src = loader.BatchSource(data, 8, 3, transform=masker())
+  perm = np.random.default_rng([3, 0, 0]).permutation(61)
+  expect = masker()({k: v[perm[16:24]] for k, v in data.items()}, np.random.default_rng([3, 2, 0, 1]))
+  got = src.batch(2)
+  for k in expect:
+    np.testing.assert_array_equal(got[k], expect[k])
+
+
+def test_a_transform_that_draws_unsupported_numbers_fails_loudly():
+  data = pairs()
+  src = loader.BatchSource(data, 8, 3, 0, 2, lambda b, rng: {"x": rng.permutation(4)})
+  with pytest.raises(AttributeError, match="process count"):
+    src.batch(0)
