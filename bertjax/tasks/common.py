@@ -1,10 +1,13 @@
-"""Helpers shared by tasks: the model config from `config.model` (or a pretrained checkpoint), checks."""
+"""Helpers shared by tasks: the model config from `config.model` (or a pretrained checkpoint), checks, caches."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-from typing import Any, Mapping
+import zipfile
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -92,3 +95,27 @@ def shard_rows(arrays: Mapping[str, np.ndarray], index: int, count: int) -> dict
     return dict(arrays)
   n = len(next(iter(arrays.values()))) // count
   return {k: v[index::count][:n] for k, v in arrays.items()}
+
+
+def cached_arrays(cache_dir: str, kind: str, key: str, build: Callable[[], dict]) -> dict[str, np.ndarray]:
+  """`build()` once per key, kept as `<cache_dir>/<kind>/<hash>.npz`.
+
+  Written to a temporary file and renamed, so a crash never leaves a half-written cache; an unreadable file
+  (truncated, corrupt) is rebuilt with a warning, and an unwritable cache only warns.
+  """
+  path = os.path.join(cache_dir, kind, hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
+  if os.path.exists(path):
+    try:
+      with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      logging.warning("rebuilding unreadable cache file %s (%s)", path, e)
+  out = build()
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.warning("could not cache features in %s (%s)", path, e)
+  return out
