@@ -134,6 +134,10 @@ def _mistake(case: str, tmp_path: Path) -> tuple[dict, str]:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(Path(train).read_text() + '{"label": "pos"}\n')
     return {"train_file": str(bad)}, f"{bad}: row 7: field 'text' is missing"
+  if case == "malformed file":
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(Path(train).read_text() + '{"text": "cut off\n')
+    return {"train_file": str(bad)}, f"{bad}: could not read it as json ("
   if case == "missing label":
     bad = write(tmp_path / "bad.csv", ROWS[:4] + [("no label here", "")])
     return {"train_file": bad}, f"{bad}: row 5: no label in field 'label'"
@@ -142,7 +146,8 @@ def _mistake(case: str, tmp_path: Path) -> tuple[dict, str]:
 
 
 @pytest.mark.parametrize("case", ["unseen dev label", "unseen test label", "empty text", "missing field",
-                                  "missing field in a row", "missing label", "one class"])
+                                  "missing field in a row", "missing label", "malformed file",
+                                  "one class"])
 def test_data_mistakes_are_one_line_user_errors(case, tmp_path, cache_dir):
   from bertjax.errors import UserError
   settings, expected = _mistake(case, tmp_path)

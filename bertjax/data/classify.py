@@ -74,12 +74,17 @@ def _load_file(path: str, cache_dir: str):
   kwargs: dict[str, Any] = {}
   if ext in (".csv", ".tsv"):  # keep "NA", "None", "null" as text; TSV: quotes are literal (GLUE's convention)
     kwargs = {"keep_default_na": False, **({"sep": "\t", "quoting": csv.QUOTE_NONE} if ext == ".tsv" else {})}
+  bars = datasets.is_progress_bar_enabled()
+  datasets.disable_progress_bars()  # a bar per small file is noise next to the training log
   try:
     return datasets.load_dataset(_KINDS[ext], data_files=os.path.abspath(path), split="train",
                                  cache_dir=os.path.join(cache_dir, "datasets"), **kwargs)
   except Exception as e:  # malformed CSV / JSON / parquet, mixed types in a column
     msg = " ".join(str(e).split())[:300] or type(e).__name__
     raise UserError(f"{path}: could not read it as {_KINDS[ext]} ({msg})") from None
+  finally:
+    if bars:
+      datasets.enable_progress_bars()
 
 
 def read_file(path: str, fields: Fields, cache_dir: str, labelled: bool) -> Rows:
