@@ -132,7 +132,8 @@ def _workdir_tokenizer(step_dir: str) -> str:
   return tok
 
 
-def hf_config(cfg: BertConfig, head: str, num_labels: int | None, label_names: list[str] | None) -> dict:
+def hf_config(cfg: BertConfig, head: str, num_labels: int | None, label_names: list[str] | None,
+              problem_type: str | None = None) -> dict:
   """transformers `config.json` for `cfg` and `head`."""
   fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dtype"}
   out: dict[str, Any] = {"architectures": [HF_ARCHITECTURE[head]], "model_type": "bert", **fields,
@@ -144,8 +145,8 @@ def hf_config(cfg: BertConfig, head: str, num_labels: int | None, label_names: l
         f"LABEL_{i}" for i in range(num_labels or 2)]
     out["id2label"] = {str(i): n for i, n in enumerate(names)}
     out["label2id"] = {n: i for i, n in enumerate(names)}
-    if num_labels == 1:
-      out["problem_type"] = "regression"
+    if num_labels == 1 or problem_type:
+      out["problem_type"] = problem_type or "regression"  # multi-label: pipelines then apply a sigmoid
   return out
 
 
@@ -178,7 +179,7 @@ def to_hf(checkpoint_path: str, out: str, verify: bool | None = None, atol: floa
         log(f"WARNING: meta num_labels={meta['num_labels']} but the classifier has {num_labels} outputs; using "
             f"{num_labels}")
     with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_config(cfg, head, num_labels, meta.get("label_names")), f, indent=2)
+      json.dump(hf_config(cfg, head, num_labels, meta.get("label_names"), meta.get("problem_type")), f, indent=2)
     from safetensors.numpy import save_file
     state = to_hf_state(params)
     save_file({k: v.astype(np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),

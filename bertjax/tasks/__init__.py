@@ -11,6 +11,7 @@ TASKS = {
     "glue": "bertjax.tasks.glue:GlueTask",
     "ner": "bertjax.tasks.ner:NerTask",
     "squad": "bertjax.tasks.squad:SquadTask",
+    "classification": "bertjax.tasks.classify:ClassificationTask",
 }
 
 

@@ -1,10 +1,15 @@
-"""Helpers shared by tasks: the model config from `config.model` (or a pretrained checkpoint), checks."""
+"""Helpers shared by tasks: the model config from `config.model` (or a pretrained checkpoint), checks, caches."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-from typing import Any
+import zipfile
+from typing import Any, Callable
+
+import numpy as np
 
 from ml_collections import ConfigDict
 
@@ -97,3 +102,26 @@ def pretrained_tokenizer_dir(config: ConfigDict) -> str | None:
     return hf.tokenizer_dir(config.init_from_hf)
   return None
 
+
+def cached_arrays(cache_dir: str, kind: str, key: str, build: Callable[[], dict]) -> dict[str, np.ndarray]:
+  """`build()` once per key, kept as `<cache_dir>/<kind>/<hash>.npz`.
+
+  Written to a temporary file and renamed, so a crash never leaves a half-written cache; an unreadable file
+  (truncated, corrupt) is rebuilt with a warning, and an unwritable cache only warns.
+  """
+  path = os.path.join(cache_dir, kind, hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
+  if os.path.exists(path):
+    try:
+      with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      logging.warning("rebuilding unreadable cache file %s (%s)", path, e)
+  out = build()
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.warning("could not cache features in %s (%s)", path, e)
+  return out

@@ -1,7 +1,7 @@
 """GLUE fine-tuning: sequence (pair) classification, or regression for STS-B, on `BertForSequenceClassification`.
 
 Data comes from a GLUE-layout folder (`config.data.data_dir`, see `bertjax.data.glue`) or, when that is
-empty, the `nyu-mll/glue` hub dataset. Tokenized splits are cached as .npz files keyed by the source file
+empty, the `nyu-mll/glue` hub dataset. Tokenized splits are cached (`common.cached_arrays`) keyed by the source file
 (path, mtime, size), the tokenizer fingerprint and `max_seq_length`, so reruns skip tokenization. After
 training, the best parameters predict every test split present and write GLUE submission files into
 `<workdir>/predictions/`.
@@ -9,7 +9,6 @@ training, the best parameters predict every test split present and write GLUE su
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,10 @@ from bertjax.tasks import common, metrics
 
 MODEL_ARRAYS = (*glue.MODEL_KEYS, "labels")  # what the jitted steps receive
 _CACHE_VERSION = 1
+
+
+class _SplitMissing(Exception):
+  """An optional split is unavailable (raised inside the cache builder, so nothing is cached)."""
 
 
 class GlueTask:
@@ -124,22 +127,21 @@ class GlueTask:
     else:
       source = ["hub", "nyu-mll/glue", d.task, split]
     key = json.dumps([_CACHE_VERSION, source, fp, d.max_seq_length, d.task, split, limit])
-    cached = os.path.join(self.cache_dir, "glue", hashlib.sha256(key.encode()).hexdigest()[:20] + ".npz")
-    if os.path.exists(cached):
-      with np.load(cached) as z:
-        return {k: z[k] for k in z.files}
-    examples = self._read(split, required)
-    if examples is None:
+
+    def build() -> dict[str, np.ndarray]:
+      examples = self._read(split, required)
+      if examples is None:
+        raise _SplitMissing
+      if limit:
+        examples = examples[:limit]
+      feats = glue.convert_examples(examples, self.tok, d.max_seq_length, self.spec.labels)
+      feats["index"] = np.array([e.index for e in examples], np.int64)
+      return feats
+
+    try:
+      return common.cached_arrays(self.cache_dir, "glue", key, build)
+    except _SplitMissing:  # an optional hub split that could not be loaded: nothing cached
       return None
-    if limit:
-      examples = examples[:limit]
-    feats = glue.convert_examples(examples, self.tok, d.max_seq_length, self.spec.labels)
-    feats["index"] = np.array([e.index for e in examples], np.int64)
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    tmp = f"{cached}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, **feats)
-    os.replace(tmp, cached)
-    return feats
 
   def _read(self, split: str, required: bool) -> list[glue.Example] | None:
     d = self.config.data

@@ -1,4 +1,4 @@
-"""Official metrics for GLUE, SQuAD v1.1/v2.0 and CoNLL-2003 NER (numpy/scipy only)."""
+"""Official metrics for GLUE, SQuAD v1.1/v2.0 and CoNLL-2003 NER, and classification reports (numpy/scipy only)."""
 
 from __future__ import annotations
 
@@ -234,3 +234,78 @@ def ner_f1(true_tag_seqs: Sequence[Sequence[str]],
   f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
   return {"precision": precision, "recall": recall, "f1": f1,
           "num_gold": float(len(gold)), "num_pred": float(len(pred)), "num_correct": float(correct)}
+
+
+# ----------------------------------------------------------------------------- classification reports
+
+
+def _prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Precision, recall, F1 per entry (0 where undefined, as sklearn's zero_division=0)."""
+  tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    p = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+    r = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+    f = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
+  return p, r, f
+
+
+def _report(tp, fp, fn, support, names: Sequence[str], accuracy: float) -> dict[str, Any]:
+  p, r, f = _prf(tp, fp, fn)
+  mp, mr, mf = _prf(tp.sum(), fp.sum(), fn.sum())
+  w = support / max(support.sum(), 1)
+  out: dict[str, Any] = {
+      "accuracy": accuracy,
+      "macro_precision": float(p.mean()), "macro_recall": float(r.mean()), "macro_f1": float(f.mean()),
+      "micro_precision": float(mp), "micro_recall": float(mr), "micro_f1": float(mf),
+      "weighted_f1": float((f * w).sum()),
+  }
+  out["per_class"] = {str(n): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                               "support": int(support[i])} for i, n in enumerate(names)}
+  return out
+
+
+def classification_report(preds: Any, labels: Any, names: Sequence[str]) -> dict[str, Any]:
+  """Single-label report: accuracy; macro / micro / weighted P, R, F1; per-class P/R/F1/support; confusion.
+
+  `preds`, `labels`: class ids in [0, len(names)). Macro averages weigh every class in `names` equally
+  (a class with no gold and no predicted rows counts 0, as sklearn with `labels=` and zero_division=0);
+  micro averages pool the counts (equal to accuracy here). `confusion_matrix[i][j]` counts rows of gold
+  class i predicted as j.
+  """
+  preds, labels = np.asarray(preds, np.int64).ravel(), np.asarray(labels, np.int64).ravel()
+  k = len(names)
+  conf = np.zeros((k, k), np.int64)
+  np.add.at(conf, (labels, preds), 1)
+  tp = np.diag(conf)
+  out = _report(tp, conf.sum(0) - tp, conf.sum(1) - tp, conf.sum(1), names, accuracy(preds, labels))
+  out["confusion_matrix"] = conf.tolist()
+  return out
+
+
+def multilabel_report(preds: Any, labels: Any, names: Sequence[str]) -> dict[str, Any]:
+  """Multi-label report from 0/1 matrices `[N, K]`: `accuracy` is the exact-match (subset) accuracy, P/R/F1
+  count each (row, label) decision; `confusion_matrix[k]` is label k's `[[tn, fp], [fn, tp]]`."""
+  preds, labels = np.asarray(preds).astype(bool), np.asarray(labels).astype(bool)
+  tp = (preds & labels).sum(0)
+  fp, fn = (preds & ~labels).sum(0), (~preds & labels).sum(0)
+  tn = (~preds & ~labels).sum(0)
+  exact = float(np.mean(np.all(preds == labels, axis=1))) if len(labels) else 0.0
+  out = _report(tp, fp, fn, labels.sum(0), names, exact)
+  out["confusion_matrix"] = np.stack([np.stack([tn, fp], -1), np.stack([fn, tp], -1)], 1).tolist()
+  return out
+
+
+def report_table(report: Mapping[str, Any]) -> str:
+  """The per-class table and averages as aligned text (like sklearn's classification_report)."""
+  per = report["per_class"]
+  width = max([len(n) for n in per] + [12])
+  lines = [f"{'':>{width}}  precision  recall      f1  support"]
+  for name, m in per.items():
+    lines.append(f"{name:>{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {m['support']:7d}")
+  n = sum(m["support"] for m in per.values())
+  lines.append("")
+  for avg in ("macro", "micro"):
+    lines.append(f"{avg + ' avg':>{width}}  {report[avg + '_precision']:9.4f}  {report[avg + '_recall']:6.4f}  "
+                 f"{report[avg + '_f1']:6.4f}  {n:7d}")
+  lines.append(f"{'accuracy':>{width}}  {'':9}  {'':6}  {report['accuracy']:6.4f}")
+  return "\n".join(lines)

@@ -5,13 +5,12 @@ optional test.txt, or else the hub dataset `data.hub_dataset`. The label list co
 (kept in the checkpoint meta). After training the best model's tags are written as `token gold pred` lines
 to `<workdir>/predictions/{dev,test}.txt` (conlleval's input).
 
-The helpers at the top (tokenizer, feature cache, process sharding, prediction rows) are shared with SQuAD.
+The helpers at the top (tokenizer, cache keys, prediction rows) are shared with SQuAD and classification.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -64,26 +63,6 @@ def file_key(path: str) -> str:
   """Cache-key part naming one file's exact contents cheaply (path, mtime, size)."""
   st = os.stat(path)
   return f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}"
-
-
-def cached_arrays(cache_dir: str, kind: str, key: str, build: Callable[[], dict]) -> dict[str, np.ndarray]:
-  """`build()` once per key, kept as `<cache_dir>/<kind>/<hash>.npz` (an unwritable cache only warns)."""
-  path = os.path.join(cache_dir, kind, hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
-  if os.path.exists(path):
-    try:
-      with np.load(path) as z:
-        return dict(z)
-    except (OSError, ValueError) as e:  # truncated / corrupt: rebuild
-      logging.warning("ignoring unreadable cache file %s (%s)", path, e)
-  out = build()
-  try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
-  except OSError as e:
-    logging.warning("could not cache features in %s (%s)", path, e)
-  return out
 
 
 def valid_rows(outputs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -186,7 +165,7 @@ class NerTask:
     to_id = {t: i for i, t in enumerate(self.label_names)}
     for split, sentences in self.sentences.items():
       key = f"ner-v1|{keys[split]}|{fp}|{d.max_seq_length}|{self.label_names}|{len(sentences)}"
-      self.features[split] = cached_arrays(cache_dir_of(c), "ner", key, lambda s=sentences: ner.convert_examples(
+      self.features[split] = common.cached_arrays(cache_dir_of(c), "ner", key, lambda s=sentences: ner.convert_examples(
           s, self.tok, d.max_seq_length, to_id))
       n_words = sum(len(s.tokens) for s in sentences)
       cut = n_words - int((self.features[split]["word_index"] >= 0).sum())

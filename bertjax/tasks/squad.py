@@ -24,7 +24,7 @@ from bertjax.data import loader, squad, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForQuestionAnswering
 from bertjax.tasks import common, metrics
-from bertjax.tasks.ner import (MODEL_KEYS, cache_dir_of, cached_arrays, file_key, load_tokenizer, save_tokenizer,
+from bertjax.tasks.ner import (MODEL_KEYS, cache_dir_of, file_key, load_tokenizer, save_tokenizer,
                                valid_rows)
 
 _POSITIONS = ("start_positions", "end_positions")
@@ -106,7 +106,7 @@ class SquadTask:
                                                is_training=True)  # dev too: its positions give an eval loss
         return {k: v for k, v in f.items() if not (train and k in _HOST_KEYS)}
 
-      self.features[split] = cached_arrays(cache_dir_of(c), "squad", key, build)
+      self.features[split] = common.cached_arrays(cache_dir_of(c), "squad", key, build)
       n_feat = len(self.features[split]["input_ids"])
       logging.info("SQuAD v%s %s: %d questions -> %d windows of <= %d tokens (%d answerable)", d.version, split,
                    len(exs), n_feat, d.max_seq_length, sum(not e.is_impossible for e in exs))
