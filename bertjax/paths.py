@@ -11,11 +11,13 @@ TensorBoard unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import tempfile
 import urllib.parse
-from typing import IO
+from typing import IO, Iterator
 
 from etils import epath
 
@@ -123,3 +125,27 @@ def copy(src: str, dst: str) -> str:
   """Copy one file (local or URL) to `dst`."""
   _p(src).copy(_p(dst), overwrite=True)
   return resolve(dst)
+
+
+@contextlib.contextmanager
+def staged(folder: str) -> Iterator[str]:
+  """A local folder to write into for code that only knows local files (tokenizer savers, prediction writers).
+
+  Local `folder`: yields it (created). URL: yields a temporary local folder whose files are copied to `folder`
+  when the block ends without an error."""
+  folder = resolve(folder)
+  if not is_url(folder):
+    os.makedirs(folder, exist_ok=True)
+    yield folder
+    return
+  tmp = tempfile.mkdtemp(prefix="bertjax-stage-")
+  try:
+    yield tmp
+    for root, _, files in os.walk(tmp):
+      for name in files:
+        rel = os.path.relpath(os.path.join(root, name), tmp)
+        dst = join(folder, *rel.split(os.sep))
+        makedirs(join(folder, *rel.split(os.sep)[:-1]))
+        copy(os.path.join(root, name), dst)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -25,3 +25,17 @@ def test_atomic_write_and_listing(tmp_path):
   assert paths.listdir(str(tmp_path / "missing")) == []
   paths.rename(str(tmp_path / "d"), str(tmp_path / "e"))
   assert paths.isdir(str(tmp_path / "e")) and not paths.exists(str(tmp_path / "d"))
+
+
+def test_staged_writes_reach_the_url_folder(tmp_path, monkeypatch):
+  copied = {}
+  monkeypatch.setattr(paths, "copy", lambda src, dst: copied.setdefault(dst, open(src).read()))
+  monkeypatch.setattr(paths, "makedirs", lambda p: p)
+  with paths.staged("gs://bucket/run/predictions") as folder:
+    assert not paths.is_url(folder)
+    os.makedirs(os.path.join(folder, "sub"))
+    with open(os.path.join(folder, "sub", "dev.txt"), "w") as f:
+      f.write("tags")
+  assert copied == {"gs://bucket/run/predictions/sub/dev.txt": "tags"} and not os.path.exists(folder)
+  with paths.staged(str(tmp_path / "local")) as folder:
+    assert folder == str(tmp_path / "local") and os.path.isdir(folder)

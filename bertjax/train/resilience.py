@@ -164,10 +164,11 @@ def schedule_spec(opt: ConfigDict, num_train_steps: int) -> dict:
 
 def build_schedule(spec: Mapping) -> optax.Schedule:
   """An optax schedule from `schedule_spec` output, including a `restart` (warmup-free decay from its step)."""
-  base = optim.schedule(ConfigDict({k: spec[k] for k in SCHEDULE_FIELDS}), int(spec["num_train_steps"]))
   r = spec.get("restart")
   if not r:
-    return base
+    return optim.schedule(ConfigDict({k: spec[k] for k in SCHEDULE_FIELDS if spec.get(k) is not None}),
+                          int(spec["num_train_steps"]))
+  base = build_schedule(r["before"])  # the schedule the steps before the restart were trained with
   s0, lr0, n = int(r["step"]), float(r["learning_rate"]), int(spec["num_train_steps"])
   end = float(spec.get("end_learning_rate") or 0.0)
   if spec["schedule"] == "constant":
@@ -194,7 +195,7 @@ def resume_schedule(old: Mapping | None, new: dict, step: int, choice: str) -> d
     return dict(old)
   lr_old, lr_new = float(build_schedule(old)(step)), float(build_schedule(new)(step))
   if choice == "restart":
-    spec = {**new, "restart": {"step": int(step), "learning_rate": lr_old}}
+    spec = {**new, "restart": {"step": int(step), "learning_rate": lr_old, "before": dict(old)}}
     logging.info("continue_schedule=restart: the learning rate decays from %.3e at step %d to %.3e at step %d",
                  lr_old, step, float(new.get("end_learning_rate") or 0.0), new["num_train_steps"])
     return spec
