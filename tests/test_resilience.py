@@ -185,3 +185,25 @@ def test_resume_schedule_never_jumps_silently():
   resilience.check_batch_size({"data": {"global_batch_size": 16}}, 32, allow=True)
   with pytest.raises(UserError, match="allow_batch_size_change"):
     resilience.check_batch_size({"data": {"global_batch_size": 16}}, 32, allow=False)
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (resilience.Diverged("training diverged: 10 consecutive non-finite steps, the last at step 7; ..."), 3,
+     "bertjax: error: training diverged: 10 consecutive non-finite steps, the last at step 7; ...\n"),
+    (resilience.Preempted("preempted at step 5", 143), 143, ""),
+    (UserError("workdir w is in use by another live bertjax run; wait for it to finish or use another --workdir"), 2,
+     "bertjax: error: workdir w is in use by another live bertjax run; wait for it to finish or use another "
+     "--workdir\n")])
+def test_main_exit_codes(monkeypatch, capsys, error, code, line):
+  from bertjax import main
+  from bertjax.train import trainer
+
+  def fail(config, workdir):
+    raise error
+  monkeypatch.setattr(trainer, "train_and_evaluate", fail)
+  monkeypatch.setattr(sys, "argv", ["bertjax", f"--config={os.path.dirname(__file__)}/../configs/mlm.py",
+                                    "--workdir=/nonexistent/never-created"])
+  with pytest.raises(SystemExit) as e:
+    main.run()
+  assert e.value.code == code and capsys.readouterr().err == line
+  assert not os.path.exists("/nonexistent/never-created")
