@@ -207,3 +207,24 @@ def test_main_exit_codes(monkeypatch, capsys, error, code, line):
     main.run()
   assert e.value.code == code and capsys.readouterr().err == line
   assert not os.path.exists("/nonexistent/never-created")
+
+
+def test_best_checkpoint_save_survives_replay_after_preemption(small_corpus, cache_dir, tmp_path):
+  from bertjax.train.trainer import Trainer
+  c = tiny_config(small_corpus, cache_dir)
+
+  def trainer():  # a fresh process's trainer: its meta knows no best yet (the best save came after the checkpoint)
+    tr = Trainer(c, str(tmp_path))
+    tr.setup()
+    tr.task.main_metric = "accuracy"
+    return tr
+
+  tr = trainer()
+  params = tr.init_state().params
+  tr.track_best(params, 4, {"accuracy": 0.5})
+  tr2 = trainer()
+  tr2.track_best(params, 4, {"accuracy": 0.5})  # replayed epoch end: orbax raised StepAlreadyExistsError here
+  assert os.listdir(tmp_path / "best" / "checkpoints") == ["4"] and tr2.best["step"] == 4
+  tr3 = trainer()
+  tr3.track_best(params, 2, {"accuracy": 0.4})  # replay from an earlier step: the later best is recomputed
+  assert os.listdir(tmp_path / "best" / "checkpoints") == ["2"]

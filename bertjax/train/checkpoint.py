@@ -27,7 +27,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 
 def manager(workdir: str, max_to_keep: int = 3, save_interval_steps: int = 1,
-            async_save: bool = True, subdir: str = CHECKPOINT_SUBDIR) -> ocp.CheckpointManager:
+            async_save: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager in `<workdir>/checkpoints` keeping the last `max_to_keep` steps.
 
   Folders left by a save that a `kill -9` interrupted (`<step>.orbax-checkpoint-tmp-*`) are never read as steps
@@ -35,7 +35,7 @@ def manager(workdir: str, max_to_keep: int = 3, save_interval_steps: int = 1,
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                          enable_async_checkpointing=async_save, create=True,
                                          cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(paths.join(workdir, subdir), options=options)
+  return ocp.CheckpointManager(paths.join(workdir, CHECKPOINT_SUBDIR), options=options)
 
 
 @jax.jit

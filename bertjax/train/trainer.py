@@ -19,11 +19,10 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from bertjax import tasks
+from bertjax import paths, tasks
 from bertjax.data.loader import prefetch
 from bertjax.errors import UserError
 from bertjax.tasks import common
-from bertjax import paths
 from bertjax.train import checkpoint, metrics as mlib, optim, resilience, sharding
 
 
@@ -222,7 +221,7 @@ class Trainer:
   # -- best checkpoint and early stopping -----------------------------------------------------------------
   def _best_manager(self):
     if self.best_mngr is None:
-      self.best_mngr = checkpoint.manager(self.workdir, max_to_keep=1, async_save=False, subdir="best")
+      self.best_mngr = checkpoint.manager(paths.join(self.workdir, "best"), max_to_keep=1, async_save=False)
     return self.best_mngr
 
   def track_best(self, params, step: int, metrics: Mapping[str, float]) -> bool:
