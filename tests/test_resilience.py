@@ -72,6 +72,7 @@ def test_injected_nan_is_skipped_and_never_checkpointed(small_corpus, cache_dir,
   _assert_checkpoints_finite(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_file_url_workdir_resumes_past_a_corrupt_latest_checkpoint(small_corpus, cache_dir, tmp_path, caplog):
   url = f"file://{tmp_path}/run"
   c = tiny_config(small_corpus, cache_dir, num_train_steps=6)
