@@ -5,8 +5,8 @@
 1. an uninterrupted reference run;
 2. `--kills` runs killed with SIGKILL at a random moment after step 5 (the last one the moment an async save's
    `*.orbax-checkpoint-tmp-*` folder appears, i.e. during the save), each rerun to the end;
-3. one run sent SIGTERM at a random moment after step 5: exit code, time from signal to exit, the checkpoint step it names;
-   then rerun to the end.
+3. one run sent SIGTERM at a random moment after step 5: exit code, time from signal to exit, the checkpoint step
+   it names; then rerun to the end.
 Every final parameter tree is compared with the reference's, array by array (exact equality). Prints one line per
 trial and writes `<out>/summary.json`.
 """
