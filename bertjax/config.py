@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.num_epochs = 0.0  # used when num_train_steps <= 0
   t.early_stopping_patience = 0  # evaluations without main-metric improvement before stopping (0 = off)
   t.keep_best = True  # keep the best checkpoint by the task's main metric in <workdir>/best
+  t.max_consecutive_skips = 10  # non-finite steps in a row (each skipped, not applied) before the run stops
+  t.continue_schedule = ""  # resuming with a changed LR schedule: "restart" | "extend" (see README)
+  t.allow_batch_size_change = False  # resume a checkpoint trained with another global_batch_size
 
   o = config.optimizer = ml_collections.ConfigDict()
   o.name = "adamw"  # adamw | lamb | sgd

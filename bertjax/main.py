@@ -94,10 +94,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run():
+  """Exit codes: 0 done; 2 a user mistake (one line); 3 diverged (one line); 128 + signal (143 SIGTERM,
+  130 SIGINT) preempted after saving a checkpoint at the signalled step; the same command resumes."""
   try:
     app.run(main, flags_parser=_parse_flags)
   except UserError as e:
     _fail(str(e))
+  except Exception as e:
+    from bertjax.train import resilience  # already imported when training ran
+    if isinstance(e, resilience.Preempted):
+      sys.exit(e.code)
+    if isinstance(e, resilience.Diverged):
+      print(f"bertjax: error: {e}", file=sys.stderr)
+      sys.exit(e.code)
+    raise
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from bertjax import paths
 from bertjax.data import corpus, glue, loader, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForSequenceClassification
@@ -224,16 +225,16 @@ class GlueTask:
     return {}
 
   def save_assets(self, workdir: str) -> None:
-    folder = os.path.join(workdir, "tokenizer")
-    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+    if paths.exists(paths.join(workdir, "tokenizer", "tokenizer.json")):
       return
     from bertjax.convert import hf
     src = self.tok_source
-    if os.path.isdir(src):
-      hf.export_tokenizer(src, folder, model_max_length=self.model_config.max_position_embeddings)
-    else:
-      toklib.save(self.tok, folder, self.config.data.get("lowercase", True),
-                  self.model_config.max_position_embeddings)
+    with paths.staged(paths.join(workdir, "tokenizer")) as folder:
+      if os.path.isdir(src):
+        hf.export_tokenizer(src, folder, model_max_length=self.model_config.max_position_embeddings)
+      else:
+        toklib.save(self.tok, folder, self.config.data.get("lowercase", True),
+                    self.model_config.max_position_embeddings)
 
   def checkpoint_meta(self) -> dict[str, Any]:
     return {"num_labels": self.num_labels, "glue_task": self.spec.name,
@@ -245,8 +246,9 @@ class GlueTask:
     for split in self.test_splits:
       preds, _ = self._predictions(predict(self._batches(split)))
       if jax.process_index() == 0:
-        path = glue.write_submission(os.path.join(workdir, "predictions"), self.spec.name,
-                                     self.splits[split]["index"], preds, split)
-        logging.info("wrote %d %s predictions to %s", len(preds), split, path)
+        with paths.staged(paths.join(workdir, "predictions")) as folder:
+          path = glue.write_submission(folder, self.spec.name, self.splits[split]["index"], preds, split)
+        logging.info("wrote %d %s predictions to %s", len(preds), split,
+                     paths.join(workdir, "predictions", os.path.basename(path)))
       out[f"{split}_predictions"] = float(len(preds))
     return out

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from bertjax import paths
 from bertjax.data import corpus, loader, ner, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForTokenClassification
@@ -48,15 +49,15 @@ def load_tokenizer(config: ConfigDict, workdir: str) -> tuple[Any, str]:
 
 def save_tokenizer(tok: Any, source: str, workdir: str, lowercase: bool, model_max_length: int) -> None:
   """`<workdir>/tokenizer/` as HF files: the source folder's own files when it is a folder."""
-  folder = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(folder, "tokenizer.json")):
+  if paths.exists(paths.join(workdir, "tokenizer", "tokenizer.json")):
     return
-  if os.path.isdir(source):
-    from bertjax.convert import hf
-    hf.export_tokenizer(source, folder, model_max_length)
-  else:
-    lower = getattr(tok.normalizer, "lowercase", lowercase)
-    toklib.save(tok, folder, bool(lower), model_max_length)
+  with paths.staged(paths.join(workdir, "tokenizer")) as folder:
+    if os.path.isdir(source):
+      from bertjax.convert import hf
+      hf.export_tokenizer(source, folder, model_max_length)
+    else:
+      lower = getattr(tok.normalizer, "lowercase", lowercase)
+      toklib.save(tok, folder, bool(lower), model_max_length)
 
 
 def file_key(path: str) -> str:
@@ -258,9 +259,9 @@ class NerTask:
       if split == "test":
         out.update({f"test_{k}": v for k, v in self._score(split, rows).items()})
       if jax.process_index() == 0:
-        path = ner.write_conll(os.path.join(workdir, "predictions", f"{split}.txt"), self.sentences[split],
-                               self._tags(split, rows))
-        logging.info("wrote %s predictions to %s", split, path)
+        with paths.staged(paths.join(workdir, "predictions")) as folder:
+          ner.write_conll(os.path.join(folder, f"{split}.txt"), self.sentences[split], self._tags(split, rows))
+        logging.info("wrote %s predictions to %s", split, paths.join(workdir, "predictions", f"{split}.txt"))
     return out
 
 

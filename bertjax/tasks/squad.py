@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from bertjax import paths
 from bertjax.data import loader, squad, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForQuestionAnswering
@@ -182,9 +183,9 @@ class SquadTask:
     """`<workdir>/predictions/predictions.json` ({id: answer}) and, for v2.0, `null_odds.json`."""
     preds, null_odds = self._answers(valid_rows(predict(self.eval_batches())))
     if jax.process_index() == 0:
-      folder = os.path.join(workdir, "predictions")
-      squad.write_predictions(os.path.join(folder, "predictions.json"), preds)
-      if self.version_2:
-        squad.write_predictions(os.path.join(folder, "null_odds.json"), null_odds)
-      logging.info("wrote %d answers to %s", len(preds), folder)
+      with paths.staged(paths.join(workdir, "predictions")) as folder:
+        squad.write_predictions(os.path.join(folder, "predictions.json"), preds)
+        if self.version_2:
+          squad.write_predictions(os.path.join(folder, "null_odds.json"), null_odds)
+      logging.info("wrote %d answers to %s", len(preds), paths.join(workdir, "predictions"))
     return {}

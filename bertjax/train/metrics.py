@@ -45,6 +45,12 @@ def from_outputs(values: Mapping[str, tuple]) -> clu_metrics.Collection:
   return collection(sorted(values)).single_from_model_output(**values)
 
 
+def scalars(acc: clu_metrics.Collection) -> dict[str, float]:
+  """Host floats of an accumulated collection; NaN for a metric with no weight (e.g. every step skipped)."""
+  values = acc.compute()
+  return {k: float(v) if float(getattr(acc, k).count) > 0 else float("nan") for k, v in values.items()}
+
+
 def progress_line(step: int, total: int, scalars: Mapping[str, float], tokens_per_s: float | None,
                   prefix: str = "train") -> str:
   first = ("loss", "mlm_accuracy", "nsp_accuracy", "accuracy", "f1", "exact", "learning_rate")

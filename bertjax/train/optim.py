@@ -53,9 +53,10 @@ def frozen_mask(params: Any, patterns: list[str]) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: any(r.search(_path_str(p)) for r in regs), params)
 
 
-def make(cfg: ConfigDict, params: Any, num_train_steps: int, frozen: list[str] | None = None):
-  """-> (optax transformation, schedule)."""
-  sched = schedule(cfg, num_train_steps)
+def make(cfg: ConfigDict, params: Any, num_train_steps: int, frozen: list[str] | None = None,
+         sched: optax.Schedule | None = None):
+  """-> (optax transformation, schedule); `sched` replaces the config's schedule (a resumed run's)."""
+  sched = sched if sched is not None else schedule(cfg, num_train_steps)
   mask = decay_mask(params)
   if cfg.name == "adamw":
     opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)

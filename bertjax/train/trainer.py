@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Any, Mapping
 
@@ -20,11 +19,11 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from bertjax import tasks
+from bertjax import paths, tasks
 from bertjax.data.loader import prefetch
 from bertjax.errors import UserError
 from bertjax.tasks import common
-from bertjax.train import checkpoint, metrics as mlib, optim, sharding
+from bertjax.train import checkpoint, metrics as mlib, optim, resilience, sharding
 
 
 @dataclasses.dataclass
@@ -82,8 +81,9 @@ class Trainer:
     self.abstract_params = jax.tree_util.tree_map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
         nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), self.param_sh)
-    frozen = freeze_patterns(cfg.training)
-    self.tx, self.schedule = optim.make(cfg.optimizer, self.abstract_params, self.num_train_steps, frozen)
+    self.schedule_spec = resilience.schedule_spec(cfg.optimizer, self.num_train_steps)
+    self.tx, self.schedule = optim.make(cfg.optimizer, self.abstract_params, self.num_train_steps,
+                                        freeze_patterns(cfg.training))
     abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
     self.opt_sh = sharding.opt_state_shardings(self.tx, abstract_opt, self.param_sh, self.mesh)
     self.abstract_opt = jax.tree_util.tree_map(
@@ -153,11 +153,19 @@ class Trainer:
         zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
         (grads, m), _ = jax.lax.scan(micro, (zeros_g, zeros_m), (batch, jax.random.split(key, accum)))
         grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
+      updates, new_opt = tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
       m = dict(m)
       m["grad_norm"] = (optax.tree.norm(grads), 1.0)
       m["learning_rate"] = (self.schedule(step), 1.0)
+      # Divergence guard: a non-finite loss, gradient or updated parameter skips the whole update (params and
+      # optimizer state stay as they were) and is left out of the averaged metrics; `skipped` tells the host.
+      ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(total)) for total, _ in m.values()]
+                             + [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(new_params)]))
+      params, opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), (new_params, new_opt),
+                                                 (params, opt_state))
+      m = {k: (jnp.where(ok, total, 0.0), jnp.where(ok, count, 0.0)) for k, (total, count) in m.items()}
+      m["skipped"] = (1.0 - ok.astype(jnp.float32), 1.0)
       return params, opt_state, mlib.from_outputs(m)
 
     self.train_step = jax.jit(
@@ -216,6 +224,11 @@ class Trainer:
     return m
 
   # -- best checkpoint and early stopping -----------------------------------------------------------------
+  def _best_manager(self):
+    if self.best_mngr is None:
+      self.best_mngr = checkpoint.manager(paths.join(self.workdir, "best"), max_to_keep=1, async_save=False)
+    return self.best_mngr
+
   def track_best(self, params, step: int, metrics: Mapping[str, float]) -> bool:
     """Keep the best params by the task's main metric in `<workdir>/best`; True when training should stop."""
     name, t = getattr(self.task, "main_metric", ""), self.config.training
@@ -225,11 +238,14 @@ class Trainer:
     improved = best.get("value") is None or value > best["value"]
     if improved:
       best.update(value=value, step=step, bad_evals=0)
-      if self.best_mngr is None:
-        self.best_mngr = checkpoint.manager(os.path.join(self.workdir, "best"), max_to_keep=1, async_save=False)
-      checkpoint.save(self.best_mngr, step, params, {}, {**self.meta(TrainState(step, None, None, jnp.zeros(2))),
-                                                          "best": best}, force=True)
-      self.best_mngr.wait_until_finished()
+      mngr = self._best_manager()
+      for s in mngr.all_steps():  # replay after a preemption: later best steps are recomputed, this one is equal
+        if s > step:
+          mngr.delete(s)
+      if step not in mngr.all_steps():
+        checkpoint.save(mngr, step, params, {}, {**self.meta(TrainState(step, None, None, jnp.zeros(2))),
+                                                 "best": best}, force=True)
+        mngr.wait_until_finished()
     else:
       best["bad_evals"] = best.get("bad_evals", 0) + 1
     patience = int(t.get("early_stopping_patience", 0) or 0)
@@ -240,71 +256,88 @@ class Trainer:
   def restore_best(self):
     """The best params (sharded like the live ones) for predictions after training."""
     import orbax.checkpoint as ocp
-    if self.best_mngr is None:
-      self.best_mngr = checkpoint.manager(os.path.join(self.workdir, "best"), max_to_keep=1, async_save=False)
-    step = self.best_mngr.latest_step()
-    r = self.best_mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(self.abstract_params)))
+    mngr = self._best_manager()
+    step = mngr.latest_step()
+    r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(self.abstract_params)))
     logging.info("using the best checkpoint (step %d, %s %.4f) for predictions", step, self.task.main_metric,
                  self.best["value"])
     return r["params"]
 
-  # -- checkpoints ----------------------------------------------------------------------------------------
-  def meta(self, state: TrainState) -> dict:
+  # -- checkpoints and resuming ---------------------------------------------------------------------------
+  def meta(self, state: TrainState, **extra: Any) -> dict:
     return checkpoint.model_meta(self.task.model_config, self.task.head, step=state.step, task=self.task.name,
                                  rng=[int(x) for x in np.asarray(state.rng).ravel()],
                                  data={"next_step": state.step, "seed": self.config.seed,
                                        "global_batch_size": self.config.training.global_batch_size},
-                                 best=self.best,
+                                 schedule=self.schedule_spec, mesh=dict(self.mesh.shape),
+                                 best=self.best, **extra,
                                  **self.task.checkpoint_meta())
 
-  def check_compatible(self, mngr) -> None:
-    """Refuse to resume a workdir whose checkpoint holds a different model (before writing anything)."""
-    step = mngr.latest_step()
-    if step is None:
-      return
-    meta_file = os.path.join(self.workdir, checkpoint.CHECKPOINT_SUBDIR, str(step), "meta", "metadata")
-    if not os.path.exists(meta_file):
-      return
-    with open(meta_file) as f:
-      old = json.load(f).get("model_config", {})
-    new = dataclasses.asdict(self.task.model_config)
+  def check_resume(self, meta: Mapping[str, Any]) -> None:
+    """Refuse (one line, before writing anything) a checkpoint of another model or batch size, or a silent LR
+    jump; adopt the checkpoint's schedule (or the chosen continuation) for the rest of the run."""
+    old, new = meta.get("model_config", {}), dataclasses.asdict(self.task.model_config)
     diff = {k: (old.get(k), new[k]) for k in new if k not in ("dtype", "hidden_dropout_prob",
                                                               "attention_probs_dropout_prob")
             and old.get(k) != new[k]}
     if diff:
       raise UserError(f"workdir {self.workdir} holds a checkpoint of a different model ({diff}, "
                       "checkpoint vs config); use a new --workdir or the same model settings")
-
+    t = self.config.training
+    resilience.check_batch_size(meta, t.global_batch_size, bool(t.get("allow_batch_size_change", False)))
+    step = int(meta.get("step", 0))
+    spec = resilience.resume_schedule(meta.get("schedule"), self.schedule_spec, step,
+                                      str(t.get("continue_schedule", "") or ""))
+    if spec != self.schedule_spec:
+      self.schedule_spec = spec
+      self.tx, self.schedule = optim.make(self.config.optimizer, self.abstract_params, self.num_train_steps,
+                                          freeze_patterns(t), sched=resilience.build_schedule(spec))
+      self._compile_steps()
+    old_mesh = meta.get("mesh")
+    if old_mesh and old_mesh != dict(self.mesh.shape):
+      logging.info("resuming a checkpoint written on mesh %s on mesh %s (parameters are resharded)", old_mesh,
+                   dict(self.mesh.shape))
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
-  """Train `config.task` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  """Train `config.task` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics.
+
+  Raises `resilience.Preempted` after saving on SIGTERM / SIGINT and `resilience.Diverged` after too many
+  non-finite steps (bertjax.main turns both into documented exit codes)."""
+  workdir = paths.resolve(workdir)
+  if paths.exists(workdir) and not paths.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file; pass a folder")
   trainer = Trainer(config, workdir)
   trainer.setup()  # all validation and data loading; nothing written to workdir yet
-  t, task = config.training, trainer.task
-  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
-  if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-    probe = checkpoint.manager(workdir, t.keep_checkpoints, async_save=False)
-    trainer.check_compatible(probe)
-    probe.close()
+  paths.makedirs(workdir)
+  with resilience.WorkdirLock(workdir), resilience.PreemptionWatcher() as watcher:
+    return _train(trainer, config, workdir, watcher)
 
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    task.save_assets(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+def _restore(trainer: Trainer, mngr) -> tuple[TrainState | None, dict]:
+  """The newest readable checkpoint (unreadable ones are set aside, never deleted), checked against the config."""
+  def check(step_dir: str) -> None:
+    trainer.check_resume(checkpoint.read_meta(step_dir))
+  found = checkpoint.restore_latest(mngr, trainer.abstract_params, trainer.abstract_opt, check)
+  if found is None:
+    return None, {}
+  params, opt_state, meta = found
+  trainer.best = meta.get("best", trainer.best)
+  return TrainState(int(meta["step"]), params, opt_state, jnp.asarray(meta["rng"], jnp.uint32)), meta
+
+
+def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilience.PreemptionWatcher) -> dict:
+  t, task = config.training, trainer.task
+  ckpt_dir = paths.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
   mngr = checkpoint.manager(workdir, t.keep_checkpoints, async_save=t.async_checkpointing)
-  latest = mngr.latest_step()
-  if latest is not None:
-    params, opt_state, meta = checkpoint.restore(mngr, latest, trainer.abstract_params, trainer.abstract_opt)
-    state = TrainState(int(meta["step"]), params, opt_state, jnp.asarray(meta["rng"], jnp.uint32))
-    trainer.best = meta.get("best", trainer.best)
-    logging.info("Resuming from checkpoint at step %d (%s)", state.step, os.path.join(ckpt_dir, str(latest)))
+  state, meta = _restore(trainer, mngr)
+  if state is not None:
+    logging.info("Resuming from checkpoint at step %d (%s)", state.step, paths.join(ckpt_dir, str(state.step)))
   else:
     state = trainer.init_state()
     logging.info("Starting fresh at step 0 (no checkpoint in %s)", ckpt_dir)
+  if jax.process_index() == 0:  # only after a successful restore
+    task.save_assets(workdir)
+    resilience.write_config(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
 
   from clu import metric_writers, periodic_actions  # imports TensorFlow: only once the inputs are known good
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -324,34 +357,57 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   acc, t0, s0 = None, time.time(), state.step
   params, opt_state = state.params, state.opt_state
   stop = trainer.best.get("stopped", False)
-  for step in range(state.step, n_steps if not stop else state.step):
-    batch = next(batches)
-    params, opt_state, m = trainer.train_step(params, opt_state, batch, np.int32(step), state.rng)
-    acc = m if acc is None else acc.merge(m)
-    done = step + 1
-    report(done)
-    if done % t.log_every_steps == 0 or done == n_steps:
-      scalars = {k: float(v) for k, v in acc.compute().items()}  # host sync only at logging intervals
-      tps = tokens_per_step * (done - s0) / max(time.time() - t0, 1e-9)
-      writer.write_scalars(done, {**{f"train/{k}": v for k, v in scalars.items()}, "train/tokens_per_s": tps})
-      logging.info(mlib.progress_line(done, n_steps, scalars, tps))
-      acc, t0, s0 = None, time.time(), done
-    if done % trainer.eval_every == 0 or done == n_steps:
-      eval_metrics = trainer.run_eval(params, done, writer)
-      stop = trainer.track_best(params, done, eval_metrics)
-    state = TrainState(done, params, opt_state, state.rng)
-    if done % t.checkpoint_every_steps == 0 or done == n_steps or stop:
-      checkpoint.save(mngr, done, params, opt_state, trainer.meta(state), force=True)
-    if stop:
-      logging.info("early stopping at step %d: no %s improvement in %d evaluations (best %.4f at step %d)",
-                   done, task.main_metric, t.early_stopping_patience, trainer.best["value"], trainer.best["step"])
-      break
-  batches.close()
+  if meta.get("eval_pending") and not stop:  # preempted at an evaluation step before evaluating
+    eval_metrics = trainer.run_eval(params, state.step, writer)
+    stop = trainer.track_best(params, state.step, eval_metrics)
+  skips = resilience.SkipMonitor(int(t.get("max_consecutive_skips", 10)))
+  try:
+    for step in range(state.step, n_steps if not stop else state.step):
+      batch = next(batches)
+      params, opt_state, m = trainer.train_step(params, opt_state, batch, np.int32(step), state.rng)
+      skips.push(step + 1, m.skipped.total)  # reads the previous step's flag: no wait on this one
+      acc = m if acc is None else acc.merge(m)
+      done = step + 1
+      report(done)
+      if done % t.log_every_steps == 0 or done == n_steps:
+        skips.flush()
+        scalars = mlib.scalars(acc)  # host sync only at logging intervals
+        scalars.pop("skipped", None)
+        scalars["skipped_steps"] = skips.take_interval()
+        tps = tokens_per_step * (done - s0) / max(time.time() - t0, 1e-9)
+        writer.write_scalars(done, {**{f"train/{k}": v for k, v in scalars.items()}, "train/tokens_per_s": tps})
+        logging.info(mlib.progress_line(done, n_steps, scalars, tps))
+        acc, t0, s0 = None, time.time(), done
+      is_eval = done % trainer.eval_every == 0 or done == n_steps
+      state = TrainState(done, params, opt_state, state.rng)
+      if watcher.should_stop(done):
+        skips.flush()
+        checkpoint.save(mngr, done, params, opt_state, trainer.meta(state, eval_pending=is_eval), force=True)
+        mngr.wait_until_finished()
+        code = watcher.exit_code()
+        logging.warning("preempted (signal %d): saved a checkpoint at step %d in %s; exiting with code %d",
+                        code - 128, done, ckpt_dir, code)
+        raise resilience.Preempted(f"preempted at step {done}; the same command resumes it", code)
+      if is_eval:
+        skips.flush()
+        eval_metrics = trainer.run_eval(params, done, writer)
+        stop = trainer.track_best(params, done, eval_metrics)
+      if done % t.checkpoint_every_steps == 0 or done == n_steps or stop:
+        skips.flush()
+        checkpoint.save(mngr, done, params, opt_state, trainer.meta(state), force=True)
+      if stop:
+        logging.info("early stopping at step %d: no %s improvement in %d evaluations (best %.4f at step %d)",
+                     done, task.main_metric, t.early_stopping_patience, trainer.best["value"], trainer.best["step"])
+        break
+    skips.flush()
+  finally:
+    batches.close()
+    writer.flush()
+    mngr.wait_until_finished()  # never leave an async save behind, whatever stopped the loop
   if not eval_metrics:
     logging.info("checkpoint step %d already reaches the end of training (%d steps); evaluating only",
                  state.step, n_steps)
     eval_metrics = trainer.run_eval(params, state.step, writer)
-  mngr.wait_until_finished()
   mngr.close()
   final = dict(eval_metrics)
   if trainer.best.get("step") is not None and getattr(task, "main_metric", ""):
@@ -363,8 +419,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   writer.flush()
   writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
-      json.dump({"step": state.step, **final}, f, indent=2)
+    paths.write_text(paths.join(workdir, "eval_metrics.json"), json.dumps({"step": state.step, **final}, indent=2))
   return final
 
 
