@@ -150,8 +150,13 @@ def _int_keys(tree: Any) -> Any:
 def load_params(path: str) -> tuple[dict, dict]:
   """(params as numpy pure dict, meta) from a workdir or step folder, with no model needed."""
   step_dir = resolve_step_dir(path)
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(paths.join(step_dir, "params"))
+  folder = paths.join(step_dir, "params")
+  # Restored straight to numpy: a checkpoint written by other devices (a pod, 2 processes) loads on a laptop too;
+  # orbax's default restore wants the saving devices' sharding.
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(folder).item_metadata.tree
+    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    params = ckptr.restore(folder, args=ocp.args.PyTreeRestore(restore_args=args))
   meta = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir) / "meta", args=ocp.args.JsonRestore())
   params = jax.tree_util.tree_map(np.asarray, _int_keys(params))
   return params, dict(meta or {})
