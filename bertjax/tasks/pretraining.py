@@ -92,11 +92,10 @@ class PretrainingTask:
     return self._eval
 
   def eval_summary(self, metrics: Mapping[str, float]) -> Mapping[str, float]:
-    """Accuracy of always predicting the eval set's most frequent masked token (a baseline to beat)."""
-    labels = np.concatenate([b["masked_labels"][b["masked_weights"] > 0] for b in self.eval_batches()])
-    counts = np.bincount(labels)
-    return {"mlm_majority_baseline": float(counts.max() / max(1, len(labels))),
-            "mlm_majority_token_id": int(counts.argmax())}
+    """Baselines on exactly the eval positions the metrics count (see `mlm_baselines`), and NSP's majority share."""
+    if not hasattr(self, "_baselines"):
+      self._baselines = mlm_baselines(self.eval_batches())
+    return self._baselines
 
   # -- model ----------------------------------------------------------------------------------------------
   def build_model(self, rngs: nnx.Rngs) -> BertForPreTraining:
@@ -107,7 +106,7 @@ class PretrainingTask:
                                    batch["masked_positions"], deterministic=deterministic, rngs=rngs)
     w = batch["masked_weights"]
     xent = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["masked_labels"])
-    mlm_correct = (jnp.argmax(mlm_logits, -1) == batch["masked_labels"]) * w
+    correct = jnp.argmax(mlm_logits, -1) == batch["masked_labels"]
     nw = batch["nsp_weights"]
     nsp_xent = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, batch["nsp_labels"])
     nsp_correct = (jnp.argmax(nsp_logits, -1) == batch["nsp_labels"]) * nw
@@ -115,8 +114,14 @@ class PretrainingTask:
     mlm_loss = jnp.sum(xent * w) / jnp.maximum(n_mlm, 1.0)
     nsp_loss = jnp.sum(nsp_xent * nw) / jnp.maximum(n_nsp, 1.0)
     loss = mlm_loss + nsp_loss
-    return loss, {"loss": (loss, 1.0), "mlm_loss": (jnp.sum(xent * w), n_mlm), "mlm_accuracy": (jnp.sum(mlm_correct), n_mlm),
-                  "nsp_loss": (jnp.sum(nsp_xent * nw), n_nsp), "nsp_accuracy": (jnp.sum(nsp_correct), n_nsp)}
+    out = {"loss": (loss, 1.0), "mlm_loss": (jnp.sum(xent * w), n_mlm),
+           "mlm_accuracy": (jnp.sum(correct * w), n_mlm), "nsp_loss": (jnp.sum(nsp_xent * nw), n_nsp),
+           "nsp_accuracy": (jnp.sum(nsp_correct), n_nsp)}
+    for name, kind in pt.KINDS.items():  # [MASK] / random / kept positions: only [MASK] shows context is used
+      wk = w * (batch["masked_kinds"] == kind)
+      out[f"mlm_accuracy_{name}"] = (jnp.sum(correct * wk), jnp.sum(wk))
+      out[f"mlm_loss_{name}"] = (jnp.sum(xent * wk), jnp.sum(wk))
+    return loss, out
 
   # -- outputs --------------------------------------------------------------------------------------------
   def save_assets(self, workdir: str) -> None:
@@ -130,3 +135,31 @@ class PretrainingTask:
   def finalize(self, predict, workdir) -> Mapping[str, float]:
     return {}
 
+
+
+def mlm_baselines(batches: list[loader.Batch]) -> dict[str, float]:
+  """What needs no context, on exactly the chosen positions of `batches` (weight > 0).
+
+  `mlm_baseline_frequent[_mask]`: always the most frequent label of these positions, scored at all of them
+  (comparable with `mlm_accuracy`) and at the [MASK] ones (with `mlm_accuracy_mask`).
+  `mlm_baseline_copy_kept`: the input token where it was kept, else the most frequent one (all positions).
+  `nsp_majority_baseline`: the share of the more frequent NSP label (with `nsp_accuracy`).
+  """
+  labels, kinds, nsp, nsp_w = [], [], [], []
+  for b in batches:
+    w = b["masked_weights"] > 0
+    labels.append(b["masked_labels"][w])
+    kinds.append(b["masked_kinds"][w])
+    nsp.append(b["nsp_labels"][b["nsp_weights"] > 0])
+  labels, kinds, nsp = np.concatenate(labels), np.concatenate(kinds), np.concatenate(nsp)
+  top = int(np.bincount(labels).argmax()) if len(labels) else 0
+  hit = labels == top
+  at_mask = kinds == pt.KIND_MASK
+  copy = np.where(kinds == pt.KIND_KEPT, True, hit)
+
+  def share(x):
+    return float(x.mean()) if len(x) else 0.0
+
+  return {"mlm_baseline_frequent": share(hit), "mlm_baseline_frequent_mask": share(hit[at_mask]),
+          "mlm_baseline_copy_kept": share(copy), "mlm_majority_token_id": top,
+          "nsp_majority_baseline": max(share(nsp == 0), share(nsp == 1))}
