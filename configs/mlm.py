@@ -21,6 +21,8 @@ def get_config():
   d.vocab_size = 4096  # when training a vocabulary (small corpus, small model)
   d.lowercase = True
   d.max_seq_length = 128
+  d.short_seq_length = 0  # > 0: train on pairs cut to this length (same tokens per step) first, then max_seq_length
+  d.short_seq_fraction = 0.0  # of num_train_steps spent at short_seq_length
   d.short_seq_prob = 0.1
   d.nsp_probability = 0.5
   d.mask_prob = 0.15
