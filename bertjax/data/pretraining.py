@@ -14,7 +14,8 @@
    version exactly.
 3. `Masker`: a per-batch numpy transform (no Python work per token): `mask_prob` of the non-special tokens,
    at most `max_predictions`, whole words optionally; of those 80% -> [MASK], 10% -> random, 10% kept.
-   The MLM head later runs only at the returned `masked_positions`.
+   The MLM head later runs only at the returned `masked_positions`; `masked_kinds` says what happened at each
+   (KIND_MASK / KIND_RANDOM / KIND_KEPT, 0 for an unused slot) so metrics can be reported per kind.
 """
 
 from __future__ import annotations
@@ -250,6 +251,10 @@ def _pair_arrays(docs: list[tuple], rows: list[tuple], cls_id: int, sep_id: int,
           "lengths": (ids != 0).sum(1).astype(np.int32), "provenance": meta}
 
 
+KIND_MASK, KIND_RANDOM, KIND_KEPT = 1, 2, 3  # `masked_kinds`: what the input holds at a chosen position
+KINDS = {"mask": KIND_MASK, "random": KIND_RANDOM, "kept": KIND_KEPT}
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskConfig:
   mask_prob: float = 0.15
@@ -304,10 +309,12 @@ class Masker:
     positions = np.argsort(~masked, axis=1, kind="stable")[:, :P].astype(np.int32)
     weights = np.take_along_axis(masked, positions, axis=1)
     labels = np.where(weights, np.take_along_axis(ids, positions, axis=1), 0).astype(np.int32)
+    kind = np.where(to_mask, KIND_MASK, np.where(to_random, KIND_RANDOM, KIND_KEPT))
+    kinds = np.where(weights, np.take_along_axis(kind, positions, axis=1), 0).astype(np.int32)
     example_w = batch.get("example_weights", np.ones((B,), np.float32))  # 0 for eval padding rows
     return {"input_ids": new_ids, "token_type_ids": batch["token_type_ids"].astype(np.int32),
             "attention_mask": (ids != self.pad_id).astype(np.int32),
             "masked_positions": np.where(weights, positions, 0).astype(np.int32), "masked_labels": labels,
-            "masked_weights": weights.astype(np.float32) * example_w[:, None],
+            "masked_weights": weights.astype(np.float32) * example_w[:, None], "masked_kinds": kinds,
             "nsp_labels": batch["nsp_labels"].astype(np.int32), "nsp_weights": example_w.astype(np.float32)}
 

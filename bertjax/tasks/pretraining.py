@@ -93,8 +93,26 @@ class PretrainingTask:
     return toklib.load(cached), f"trained on the corpus ({d.vocab_size} requested)"
 
   def train_source(self) -> loader.BatchSource:
-    return loader.BatchSource(self.train_pairs, self.config.training.global_batch_size, self.config.seed,
-                              jax.process_index(), jax.process_count(), self.masker, "train")
+    c, d = self.config, self.config.data
+    full = loader.BatchSource(self.train_pairs, c.training.global_batch_size, c.seed, jax.process_index(),
+                              jax.process_count(), self.masker, "train")
+    short_len, fraction = int(d.get("short_seq_length", 0) or 0), float(d.get("short_seq_fraction", 0.0) or 0.0)
+    if not short_len or fraction <= 0:
+      return full
+    if not 8 <= short_len < d.max_seq_length or fraction >= 1:
+      raise UserError(f"data.short_seq_length={short_len} / data.short_seq_fraction={fraction}: use a length in "
+                      f"[8, data.max_seq_length={d.max_seq_length}) and a fraction in (0, 1)")
+    rows = c.training.global_batch_size * (d.max_seq_length // short_len)  # about the same tokens per step
+    m = self.masker  # as many prediction slots per row as the shorter rows need
+    masker = pt.Masker(dataclasses.replace(m.cfg, max_predictions=-(-m.cfg.max_predictions * short_len //
+                                                                     d.max_seq_length)),
+                       len(m.special), np.flatnonzero(m.special).tolist(), m.mask_id, m.pad_id)
+    short = loader.BatchSource(crop_pairs(self.train_pairs, short_len), rows, c.seed + 7, jax.process_index(),
+                               jax.process_count(), masker, "train")
+    until = int(round(fraction * c.training.num_train_steps))
+    logging.info("sequence length %d (batches of %d) for steps [0, %d), then %d", short_len, rows, until,
+                 d.max_seq_length)
+    return PhasedSource(short, full, until)
 
   def eval_batches(self) -> list[loader.Batch]:
     if not hasattr(self, "_eval"):
@@ -103,11 +121,10 @@ class PretrainingTask:
     return self._eval
 
   def eval_summary(self, metrics: Mapping[str, float]) -> Mapping[str, float]:
-    """Accuracy of always predicting the eval set's most frequent masked token (a baseline to beat)."""
-    labels = np.concatenate([b["masked_labels"][b["masked_weights"] > 0] for b in self.eval_batches()])
-    counts = np.bincount(labels)
-    return {"mlm_majority_baseline": float(counts.max() / max(1, len(labels))),
-            "mlm_majority_token_id": int(counts.argmax())}
+    """Baselines on exactly the eval positions the metrics count (see `mlm_baselines`), and NSP's majority share."""
+    if not hasattr(self, "_baselines"):
+      self._baselines = mlm_baselines(self.eval_batches())
+    return self._baselines
 
   # -- model ----------------------------------------------------------------------------------------------
   def build_model(self, rngs: nnx.Rngs) -> BertForPreTraining:
@@ -118,7 +135,7 @@ class PretrainingTask:
                                    batch["masked_positions"], deterministic=deterministic, rngs=rngs)
     w = batch["masked_weights"]
     xent = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["masked_labels"])
-    mlm_correct = (jnp.argmax(mlm_logits, -1) == batch["masked_labels"]) * w
+    correct = jnp.argmax(mlm_logits, -1) == batch["masked_labels"]
     nw = batch["nsp_weights"]
     nsp_xent = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, batch["nsp_labels"])
     nsp_correct = (jnp.argmax(nsp_logits, -1) == batch["nsp_labels"]) * nw
@@ -126,8 +143,14 @@ class PretrainingTask:
     mlm_loss = jnp.sum(xent * w) / jnp.maximum(n_mlm, 1.0)
     nsp_loss = jnp.sum(nsp_xent * nw) / jnp.maximum(n_nsp, 1.0)
     loss = mlm_loss + nsp_loss
-    return loss, {"loss": (loss, 1.0), "mlm_loss": (jnp.sum(xent * w), n_mlm), "mlm_accuracy": (jnp.sum(mlm_correct), n_mlm),
-                  "nsp_loss": (jnp.sum(nsp_xent * nw), n_nsp), "nsp_accuracy": (jnp.sum(nsp_correct), n_nsp)}
+    out = {"loss": (loss, 1.0), "mlm_loss": (jnp.sum(xent * w), n_mlm),
+           "mlm_accuracy": (jnp.sum(correct * w), n_mlm), "nsp_loss": (jnp.sum(nsp_xent * nw), n_nsp),
+           "nsp_accuracy": (jnp.sum(nsp_correct), n_nsp)}
+    for name, kind in pt.KINDS.items():  # [MASK] / random / kept positions: only [MASK] shows context is used
+      wk = w * (batch["masked_kinds"] == kind)
+      out[f"mlm_accuracy_{name}"] = (jnp.sum(correct * wk), jnp.sum(wk))
+      out[f"mlm_loss_{name}"] = (jnp.sum(xent * wk), jnp.sum(wk))
+    return loss, out
 
   # -- outputs --------------------------------------------------------------------------------------------
   def save_assets(self, workdir: str) -> None:
@@ -141,3 +164,70 @@ class PretrainingTask:
   def finalize(self, predict, workdir) -> Mapping[str, float]:
     return {}
 
+
+
+def mlm_baselines(batches: list[loader.Batch]) -> dict[str, float]:
+  """What needs no context, on exactly the chosen positions of `batches` (weight > 0).
+
+  `mlm_baseline_frequent[_mask]`: always the most frequent label of these positions, scored at all of them
+  (comparable with `mlm_accuracy`) and at the [MASK] ones (with `mlm_accuracy_mask`).
+  `mlm_baseline_copy_kept`: the input token where it was kept, else the most frequent one (all positions).
+  `nsp_majority_baseline`: the share of the more frequent NSP label (with `nsp_accuracy`).
+  """
+  labels, kinds, nsp, nsp_w = [], [], [], []
+  for b in batches:
+    w = b["masked_weights"] > 0
+    labels.append(b["masked_labels"][w])
+    kinds.append(b["masked_kinds"][w])
+    nsp.append(b["nsp_labels"][b["nsp_weights"] > 0])
+  labels, kinds, nsp = np.concatenate(labels), np.concatenate(kinds), np.concatenate(nsp)
+  top = int(np.bincount(labels).argmax()) if len(labels) else 0
+  hit = labels == top
+  at_mask = kinds == pt.KIND_MASK
+  copy = np.where(kinds == pt.KIND_KEPT, True, hit)
+
+  def share(x):
+    return float(x.mean()) if len(x) else 0.0
+
+  return {"mlm_baseline_frequent": share(hit), "mlm_baseline_frequent_mask": share(hit[at_mask]),
+          "mlm_baseline_copy_kept": share(copy), "mlm_majority_token_id": top,
+          "nsp_majority_baseline": max(share(nsp == 0), share(nsp == 1))}
+
+
+class PhasedSource:
+  """Batches of `short` (cropped pairs) for steps < `until`, then `full`; like a BatchSource, a pure function of
+  the step, so a resumed run sees the same batches. The trainer's jitted step compiles once per shape."""
+
+  def __init__(self, short: loader.BatchSource, full: loader.BatchSource, until: int):
+    self.short, self.full, self.until = short, full, until
+    self.steps_per_epoch = full.steps_per_epoch
+
+  def batch(self, step: int) -> loader.Batch:
+    return self.short.batch(step) if step < self.until else self.full.batch(step - self.until)
+
+
+def crop_pairs(pairs: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+  """[CLS] A [SEP] B [SEP] rows cut to `length`: the end of A and the start of B, about half each (more of one
+  side when the other is short), so the A|B boundary, and with it the NSP label, stays meaningful."""
+  ids, types = pairs["input_ids"], pairs["token_type_ids"]
+  n, L = ids.shape
+  la = ((types == 0) & (ids != 0)).sum(1) - 2  # A tokens (without [CLS] and the first [SEP])
+  lb = (types == 1).sum(1) - 1  # B tokens (without the last [SEP])
+  room = length - 3
+  ka = np.minimum(la, np.maximum(room // 2, room - lb))
+  kb = np.minimum(lb, room - ka)
+  j = np.arange(length)[None, :]
+  ka_, kb_, la_, lb_ = ka[:, None], kb[:, None], la[:, None], lb[:, None]
+  src = np.select([j == 0, j <= ka_, j == ka_ + 1, j <= ka_ + kb_ + 1, j == ka_ + kb_ + 2],
+                  [0, la_ - ka_ + j, la_ + 1, la_ + 2 + (j - ka_ - 2), la_ + lb_ + 2], default=-1)
+  valid = src >= 0
+  src = np.clip(src, 0, L - 1)
+  out = {k: v for k, v in pairs.items() if k not in ("input_ids", "token_type_ids", "word_starts", "lengths")}
+  out["input_ids"] = np.where(valid, np.take_along_axis(ids, src, 1), 0).astype(ids.dtype)
+  out["token_type_ids"] = ((j >= ka_ + 2) & valid).astype(types.dtype)
+  starts = np.take_along_axis(pairs["word_starts"], src, 1) & valid
+  starts[:, 1] = True  # a cut front still starts a (partial) word
+  starts[np.arange(n), ka + 2] = True
+  out["word_starts"] = starts
+  out["lengths"] = (ka + kb + 3).astype(np.int32)
+  return out
