@@ -149,3 +149,17 @@ def staged(folder: str) -> Iterator[str]:
         copy(os.path.join(root, name), dst)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_read(path: str) -> Iterator[str]:
+  """A local copy of one file for code that only reads local files (tokenizer loaders): `path` itself when local."""
+  path = resolve(path)
+  if not is_url(path):
+    yield path
+    return
+  tmp = tempfile.mkdtemp(prefix="bertjax-read-")
+  try:
+    yield copy(path, os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1]))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,9 @@ import numpy as np
 import optax
 from flax import nnx
 from ml_collections import ConfigDict
+from tokenizers import Tokenizer
 
+from bertjax import paths
 from bertjax.data import cache, corpus, loader, pretraining as pt, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.bert import BertConfig
@@ -66,10 +68,15 @@ class PretrainingTask:
                  100 * self.train_pairs["nsp_labels"].mean(), self.tok_source, self.tok.get_vocab_size())
 
   def _tokenizer(self, train_docs) -> tuple[Any, str]:
+    tok, source = self._find_or_train_tokenizer(train_docs)
+    return one_vocabulary(tok), source
+
+  def _find_or_train_tokenizer(self, train_docs) -> tuple[Any, str]:
     d = self.config.data
-    saved = os.path.join(self.workdir, "tokenizer", "tokenizer.json")
-    if os.path.exists(saved):  # resume: never change the vocabulary under a checkpoint
-      return toklib.load(saved), saved
+    saved = paths.join(self.workdir, "tokenizer", "tokenizer.json")
+    if paths.exists(saved):  # resume: never change the vocabulary under a checkpoint
+      with paths.staged_read(saved) as local:
+        return toklib.load(local), saved
     if d.tokenizer:
       return toklib.load(d.tokenizer, d.lowercase), d.tokenizer
     hf_dir = common.pretrained_tokenizer_dir(self.config)
@@ -122,8 +129,9 @@ class PretrainingTask:
 
   def eval_summary(self, metrics: Mapping[str, float]) -> Mapping[str, float]:
     """Baselines on exactly the eval positions the metrics count (see `mlm_baselines`), and NSP's majority share."""
-    if not hasattr(self, "_baselines"):
-      self._baselines = mlm_baselines(self.eval_batches())
+    if not hasattr(self, "_baselines"):  # over the whole eval set, not this process's slice of it
+      self._baselines = mlm_baselines(loader.eval_batches(self.eval_pairs, self.config.training.eval_batch_size,
+                                                          self.masker, self.config.seed))
     return self._baselines
 
   # -- model ----------------------------------------------------------------------------------------------
@@ -154,9 +162,9 @@ class PretrainingTask:
 
   # -- outputs --------------------------------------------------------------------------------------------
   def save_assets(self, workdir: str) -> None:
-    folder = os.path.join(workdir, "tokenizer")
-    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
-      toklib.save(self.tok, folder, self.config.data.lowercase, self.model_config.max_position_embeddings)
+    if not paths.exists(paths.join(workdir, "tokenizer", "tokenizer.json")):
+      with paths.staged(paths.join(workdir, "tokenizer")) as folder:
+        toklib.save(self.tok, folder, self.config.data.lowercase, self.model_config.max_position_embeddings)
 
   def checkpoint_meta(self) -> dict[str, Any]:
     return {}
@@ -231,3 +239,18 @@ def crop_pairs(pairs: Mapping[str, np.ndarray], length: int) -> dict[str, np.nda
   out["word_starts"] = starts
   out["lengths"] = (ka + kb + 3).astype(np.int32)
   return out
+
+
+def one_vocabulary(tok: Tokenizer) -> Tokenizer:
+  """Process 0's tokenizer on every process. WordPiece training is not deterministic (a few of 4,096 ids differ
+  between two trainings on the same text), so hosts that each train or cache their own would silently train on
+  different token ids."""
+  if jax.process_count() == 1:
+    return tok
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(tok.to_str().encode(), np.uint8)
+  n = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+  buf = np.zeros(n, np.uint8)
+  if jax.process_index() == 0:
+    buf[:] = data
+  return Tokenizer.from_str(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
