@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.hidden_act = "gelu"
   m.hidden_dropout_prob = 0.1
   m.attention_probs_dropout_prob = 0.1
+  m.initializer_range = config_dict.placeholder(float)  # std of the normal init (preset: 0.02)
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
   d = config.data = ml_collections.ConfigDict()
