@@ -12,6 +12,7 @@ step.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Callable, Iterator
@@ -148,28 +149,37 @@ def eval_batches(examples: Batch, global_batch: int, transform: Transform | None
 
 
 def prefetch(batches: Iterator[Batch], put: Callable[[Batch], object], size: int = 2) -> Iterator[object]:
-  """Run `put` (host -> device) on a background thread, keeping `size` batches ready."""
+  """Run `put` (host -> device) on a background thread, keeping `size` batches ready.
+
+  Closing the iterator (end of training, early stopping, preemption) stops the thread and joins it: a daemon
+  thread still inside XLA's C++ when the interpreter exits is torn down by a forced unwind that C++ `catch (...)`
+  blocks swallow ("terminate called after throwing an instance of ... FATAL: exception not rethrown"), and the
+  process dies with SIGABRT instead of its exit code.
+  """
   q: queue.Queue = queue.Queue(maxsize=size)
   stop = threading.Event()
   _END = object()
 
+  def offer(item) -> bool:
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def producer():
     try:
       for b in batches:
-        item = put(b)
-        while not stop.is_set():
-          try:
-            q.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
+        if stop.is_set() or not offer(put(b)):
           return
     except BaseException as e:  # surface errors in the consumer
-      q.put(e)
-    q.put(_END)
+      offer(e)
+      return
+    offer(_END)
 
-  t = threading.Thread(target=producer, daemon=True)
+  t = threading.Thread(target=producer, daemon=True, name="bertjax-prefetch")
   t.start()
   try:
     while True:
@@ -181,3 +191,6 @@ def prefetch(batches: Iterator[Batch], put: Callable[[Batch], object], size: int
       yield item
   finally:
     stop.set()
+    t.join(timeout=120)  # at most one batch being built / transferred
+    if t.is_alive():
+      logging.warning("the prefetch thread did not stop within 120 s")
