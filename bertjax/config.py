@@ -76,3 +76,17 @@ def base_config() -> ml_collections.ConfigDict:
       ("norm", None),
   ]
   return config
+
+
+def finetune_schedule(config: ml_collections.ConfigDict, learning_rate: float, num_epochs: float = 3.0,
+                      checkpoint_every_steps: int = 1000) -> ml_collections.ConfigDict:
+  """The BERT paper's fine-tuning recipe shared by GLUE / NER / SQuAD / classification: batch 32, AdamW with 10%
+  warmup and weight decay 0.01, epochs instead of steps, an evaluation every epoch."""
+  t = config.training
+  t.global_batch_size, t.eval_batch_size = 32, 64
+  t.num_train_steps, t.num_epochs = -1, num_epochs  # count epochs instead of steps
+  t.eval_every_steps = -1  # every epoch
+  t.log_every_steps, t.checkpoint_every_steps = 50, checkpoint_every_steps
+  o = config.optimizer
+  o.name, o.learning_rate, o.warmup_fraction, o.weight_decay = "adamw", learning_rate, 0.1, 0.01
+  return config

@@ -11,7 +11,7 @@ macro / micro precision, recall, F1 (plus a per-class table in the log); the bes
 confusion-matrix PNGs and per-class reports (`eval_metrics.json`) beside them.
 """
 
-from bertjax.config import base_config
+from bertjax.config import base_config, finetune_schedule
 
 
 def get_config():
@@ -46,22 +46,6 @@ def get_config():
   t = config.training
   t.main_metric = ""  # best checkpoint / early stopping: accuracy | macro_f1 | micro_f1 | macro_precision | ...
   #                     ('' = macro_f1; regression: pearson | spearman | pearson_spearman_mean, '' = pearson)
-  t.global_batch_size = 32
-  t.eval_batch_size = 64
-  t.num_train_steps = -1  # count epochs instead
-  t.num_epochs = 3.0
-  t.eval_every_steps = -1  # every epoch
-  t.checkpoint_every_steps = 1000
+  finetune_schedule(config, learning_rate=5e-5)
   t.keep_checkpoints = 2
-  t.log_every_steps = 50
-  t.keep_best = True
-  t.early_stopping_patience = 0
-
-  o = config.optimizer
-  o.name = "adamw"
-  o.learning_rate = 5e-5
-  o.warmup_steps = 0
-  o.warmup_fraction = 0.1
-  o.weight_decay = 0.01
-  o.max_grad_norm = 1.0
   return config

@@ -10,7 +10,7 @@ Tasks: cola sst2 mrpc stsb qqp mnli qnli rte wnli. Submission files for the test
 `<workdir>/predictions/` with the best checkpoint (by the task's GLUE metric) kept in `<workdir>/best`.
 """
 
-from bertjax.config import base_config
+from bertjax.config import base_config, finetune_schedule
 
 
 def get_config():
@@ -29,23 +29,6 @@ def get_config():
 
   config.model.preset = ""  # the architecture comes from the checkpoint; set a preset to train from scratch
 
-  t = config.training
-  t.global_batch_size = 32
-  t.eval_batch_size = 64
-  t.num_train_steps = -1  # count epochs instead
-  t.num_epochs = 3.0
-  t.eval_every_steps = -1  # every epoch
-  t.checkpoint_every_steps = 1000
-  t.keep_checkpoints = 2
-  t.log_every_steps = 50
-  t.keep_best = True
-  t.early_stopping_patience = 0
-
-  o = config.optimizer
-  o.name = "adamw"
-  o.learning_rate = 2e-5
-  o.warmup_steps = 0
-  o.warmup_fraction = 0.1
-  o.weight_decay = 0.01
-  o.max_grad_norm = 1.0
+  finetune_schedule(config, learning_rate=2e-5)
+  config.training.keep_checkpoints = 2
   return config

@@ -7,7 +7,7 @@ Outputs: entity precision/recall/F1 every epoch, the best model in <workdir>/bes
 `token gold pred` files for dev (and test) in <workdir>/predictions/.
 """
 
-from bertjax.config import base_config
+from bertjax.config import base_config, finetune_schedule
 
 
 def get_config():
@@ -28,18 +28,4 @@ def get_config():
   d.max_train_examples = 0  # first N training sentences (0 = all)
   d.max_eval_examples = 0  # first N dev sentences (0 = all)
 
-  t = config.training
-  t.global_batch_size = 32
-  t.eval_batch_size = 64
-  t.num_train_steps = -1  # count epochs instead
-  t.num_epochs = 3.0
-  t.eval_every_steps = -1  # every epoch
-  t.log_every_steps = 50
-  t.checkpoint_every_steps = 500
-
-  o = config.optimizer
-  o.name = "adamw"
-  o.learning_rate = 5e-5
-  o.warmup_fraction = 0.1
-  o.weight_decay = 0.01
-  return config
+  return finetune_schedule(config, learning_rate=5e-5, checkpoint_every_steps=500)

@@ -8,7 +8,7 @@ the hub's squad / squad_v2 are used). Outputs: exact / F1 every epoch, the best 
 <workdir>/predictions/predictions.json (+ null_odds.json for v2.0) for the official evaluation scripts.
 """
 
-from bertjax.config import base_config
+from bertjax.config import base_config, finetune_schedule
 
 
 def get_config():
@@ -33,18 +33,4 @@ def get_config():
   d.max_train_examples = 0  # first N training questions (0 = all)
   d.max_eval_examples = 0  # first N dev questions (0 = all)
 
-  t = config.training
-  t.global_batch_size = 32
-  t.eval_batch_size = 64
-  t.num_train_steps = -1  # count epochs instead
-  t.num_epochs = 2.0
-  t.eval_every_steps = -1  # every epoch
-  t.log_every_steps = 50
-  t.checkpoint_every_steps = 1000
-
-  o = config.optimizer
-  o.name = "adamw"
-  o.learning_rate = 3e-5
-  o.warmup_fraction = 0.1
-  o.weight_decay = 0.01
-  return config
+  return finetune_schedule(config, learning_rate=3e-5, num_epochs=2.0)
