@@ -91,6 +91,7 @@ class Trainer:
     self.repl = sharding.replicated(self.mesh)
     self.batch_sh = sharding.batch_sharding(self.mesh, leading_dims=1 if self.accum > 1 else 0)
     self.eval_batch_sh = sharding.batch_sharding(self.mesh)
+    self.one_in_flight = serial_collectives(self.mesh)
     self._compile_steps()
 
   def init_state(self) -> TrainState:
@@ -212,6 +213,8 @@ class Trainer:
     for b in self.task.eval_batches():
       m = self.eval_step(params, self.put_batch(b, train=False))
       acc = m if acc is None else acc.merge(m)
+      if self.one_in_flight:
+        jax.block_until_ready(acc)
     if acc is None:
       return {}
     return {k: float(v) for k, v in acc.compute().items()}
@@ -367,6 +370,8 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
       params, opt_state, m = trainer.train_step(params, opt_state, batch, np.int32(step), state.rng)
       skips.push(step + 1, m.skipped.total)  # reads the previous step's flag: no wait on this one
       acc = m if acc is None else acc.merge(m)
+      if trainer.one_in_flight:
+        jax.block_until_ready(acc)
       done = step + 1
       report(done)
       if done % t.log_every_steps == 0 or done == n_steps:
@@ -421,6 +426,17 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
   if jax.process_index() == 0:
     paths.write_text(paths.join(workdir, "eval_metrics.json"), json.dumps({"step": state.step, **final}, indent=2))
   return final
+
+
+def serial_collectives(mesh) -> bool:
+  """True where a program with collectives must finish before the next is dispatched: XLA:CPU with several
+  (simulated) devices. XLA:CPU runs every device of the mesh on one shared thread pool and a collective holds a
+  pool thread until all participants arrive; with several such programs in flight (async dispatch), threads
+  taken by a later program's participants starve an earlier one, and after 40 s XLA aborts the process
+  (`Termination timeout for all reduce ...`, SIGABRT). It happened under load on 2 cores with 8 simulated
+  devices (benchmarks/cpu_collectives_abort.py reproduces it); accelerators and one CPU device are unaffected."""
+  devices = mesh.devices.flat
+  return mesh.devices.size > 1 and all(d.platform == "cpu" for d in devices)
 
 
 def freeze_patterns(t: ConfigDict) -> list[str]:
