@@ -23,7 +23,7 @@ from bertjax import paths, tasks
 from bertjax.data.loader import prefetch
 from bertjax.errors import UserError
 from bertjax.tasks import common
-from bertjax.train import checkpoint, metrics as mlib, optim, resilience, sharding
+from bertjax.train import checkpoint, metrics as mlib, optim, progress, resilience, sharding, writers
 
 
 @dataclasses.dataclass
@@ -306,6 +306,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   workdir = paths.resolve(workdir)
   if paths.exists(workdir) and not paths.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file; pass a folder")
+  writers.check(config)
   trainer = Trainer(config, workdir)
   trainer.setup()  # all validation and data loading; nothing written to workdir yet
   paths.makedirs(workdir)
@@ -339,15 +340,14 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
     task.save_assets(workdir)
     resilience.write_config(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
 
-  from clu import metric_writers, periodic_actions  # imports TensorFlow: only once the inputs are known good
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, config, just_logging=jax.process_index() > 0)
   if state.step == 0 and jax.process_index() == 0:
     from clu import parameter_overview  # shapes, sizes and shardings from array metadata: nothing leaves the devices
     logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params,
                                                                                     include_stats="sharding"))
     writer.write_hparams(_flat(config.to_dict()))
   n_steps = trainer.num_train_steps
-  report = periodic_actions.ReportProgress(num_train_steps=n_steps, writer=writer, every_steps=t.log_every_steps)
+  report = progress.ReportProgress(n_steps, writer, every_steps=t.log_every_steps)
   tokens_per_step = t.global_batch_size * config.data.get("max_seq_length", 0)
   batches = prefetch((trainer.source.batch(s) for s in range(state.step, n_steps)), trainer.put_batch,
                      size=int(config.data.get("prefetch", 2)))
