@@ -309,6 +309,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   writers.check(config)
   trainer = Trainer(config, workdir)
   trainer.setup()  # all validation and data loading; nothing written to workdir yet
+  if config.training.get("eval_only"):
+    return evaluate_only(trainer, config, workdir)
   paths.makedirs(workdir)
   with resilience.WorkdirLock(workdir), resilience.PreemptionWatcher() as watcher:
     return _train(trainer, config, workdir, watcher)
@@ -420,6 +422,36 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
   writer.close()
   if jax.process_index() == 0:
     paths.write_text(paths.join(workdir, "eval_metrics.json"), json.dumps({"step": state.step, **final}, indent=2))
+  return final
+
+
+def evaluate_only(trainer: Trainer, config: ConfigDict, workdir: str) -> dict[str, float]:
+  """`training.eval_only`: metrics and predictions of the workdir's latest checkpoint (else of init_checkpoint /
+  init_from_hf) in `<workdir>/eval_only_<step>/`. Nothing is trained; no checkpoint is written, moved or cleaned
+  (the checkpoint is read like an init_checkpoint, without an orbax manager)."""
+  ckpts = paths.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
+  step = 0
+  if paths.isdir(ckpts) and any(d.isdigit() for d in paths.listdir(ckpts)):
+    step_dir = checkpoint.resolve_step_dir(workdir)
+    step = int(checkpoint.read_meta(step_dir).get("step", 0))
+    trainer.config = config = config.copy_and_resolve_references()
+    config.init_checkpoint, config.init_from_hf = step_dir, ""
+  elif not (config.get("init_checkpoint") or config.get("init_from_hf")):
+    raise UserError(f"training.eval_only=True needs a checkpoint: {ckpts} has none; pass the trained workdir as "
+                    "--workdir, or --config.init_checkpoint / --config.init_from_hf")
+  params = trainer.init_state().params
+  out = paths.join(workdir, f"eval_only_{step}")
+  paths.makedirs(out)
+  writer = writers.create(out, config, just_logging=jax.process_index() > 0)
+  try:
+    final = trainer.run_eval(params, step, writer)
+    if hasattr(trainer.task, "finalize"):
+      final.update(trainer.task.finalize(lambda batches: trainer.predict(params, batches), out) or {})
+  finally:
+    writer.close()
+  if jax.process_index() == 0:
+    paths.write_text(paths.join(out, "eval_metrics.json"), json.dumps({"step": step, **final}, indent=2))
+  logging.info("eval only: metrics and predictions of step %d in %s", step, out)
   return final
 
 
