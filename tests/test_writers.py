@@ -52,6 +52,8 @@ def test_training_imports_no_tensorflow_and_tensorboard_reads_the_scalars(small_
   assert p.returncode == 0, p.stderr[-3000:]
   assert re.search(r"TF_MODULES \[\]", p.stdout), p.stdout[-2000:]
   scalars = _events(wd)
+  from bertjax.train.writers import read_scalars
+  assert read_scalars(str(wd)) == scalars  # our TF-free reader (the notebook's plots) reads the same values
   assert sorted(scalars["steps_per_sec"]) == [2, 4] and all(v > 0 for v in scalars["steps_per_sec"].values())
   assert sorted(scalars["train/loss"]) == [2, 4] and sorted(scalars["uptime"]) == [2, 4]
   for step in (2, 4):  # the event values are the ones the progress line printed

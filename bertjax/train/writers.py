@@ -2,7 +2,8 @@
 
 `create(workdir, config)` gives process 0 the log, TensorBoard events in `workdir` and (with
 `config.wandb.enabled`) a W&B run; other processes only log. Every writer has `write_scalars(step, {tag: value})`,
-`write_hparams({name: value})`, `flush()` and `close()`.
+`write_hparams({name: value})`, `flush()` and `close()`. `read_scalars(logdir)` reads the scalars back (plots in
+notebooks) without TensorFlow or TensorBoard.
 
 Scalars are written as TensorFlow 2 writes them (a float32 scalar tensor under the `scalars` plugin), so
 TensorBoard and its `EventFileLoader` read them exactly as they read the files clu's TensorFlow writer made.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from typing import Any, Mapping, Protocol
 
 from bertjax import paths
@@ -148,6 +150,31 @@ class MultiWriter:
   def close(self) -> None:
     for w in self.writers:
       w.close()
+
+
+def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of every scalar in the event files directly in `logdir` (records are parsed with
+  tensorboardX's protobufs; CRCs are not checked; a record still being written at the end is skipped)."""
+  from tensorboardX.proto import event_pb2
+  out: dict[str, dict[int, float]] = {}
+  for name in sorted(paths.listdir(logdir)):
+    if ".tfevents." not in name:
+      continue
+    with paths.open(paths.join(logdir, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):  # record: uint64 length, uint32 crc, data, uint32 crc
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      if pos + 12 + n + 4 > len(data):
+        break
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        if v.HasField("simple_value"):
+          out.setdefault(v.tag, {})[event.step] = v.simple_value
+        elif v.metadata.plugin_data.plugin_name == "scalars" and v.tensor.float_val:
+          out.setdefault(v.tag, {})[event.step] = v.tensor.float_val[0]
+  return out
 
 
 def check(config) -> None:
