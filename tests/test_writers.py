@@ -112,3 +112,21 @@ def test_wandb_writer_is_optional_and_logs_the_same_scalars(tmp_path, monkeypatc
   assert logged[0]["project"] == "bertjax" and logged[0]["dir"] == str(tmp_path)
   assert logged[1:] == [(3, {"train/loss": 1.5}), "finish"]
   assert {"train/loss": {3: 1.5}} == _events(tmp_path)
+
+
+def test_event_files_reach_a_url_workdir_through_bertjax_paths(tmp_path, monkeypatch):
+  """tensorboardX's own gs:// writer needs google-cloud-storage; ours goes through bertjax.paths (etils.epath).
+  A fake `mem://` scheme maps onto tmp_path, so the test needs no network."""
+  from bertjax import paths
+  from bertjax.train import writers
+  local = lambda url: str(tmp_path / url.split("://", 1)[1])
+  real_open, real_makedirs = paths.open, paths.makedirs
+  monkeypatch.setattr(paths, "open", lambda p, mode="r": real_open(local(p) if paths.is_url(p) else p, mode))
+  monkeypatch.setattr(paths, "makedirs", lambda p: real_makedirs(local(p) if paths.is_url(p) else p))
+  w = writers.TensorBoardWriter("mem://bucket/run")
+  w.write_scalars(1, {"train/loss": 2.5})
+  w.flush()
+  assert _events(tmp_path / "bucket" / "run") == {"train/loss": {1: 2.5}}  # readable at each flush
+  w.write_scalars(2, {"train/loss": 1.25})
+  w.close()
+  assert _events(tmp_path / "bucket" / "run") == {"train/loss": {1: 2.5, 2: 1.25}}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import time
 from typing import Any, Mapping, Protocol
 
 from bertjax import paths
@@ -70,15 +71,26 @@ class _UrlFactory:
 
 
 class TensorBoardWriter:
-  """Event files in `logdir` (local or any URL `bertjax.paths` handles), written by tensorboardX's thread."""
+  """Event files in `logdir` (local or any URL `bertjax.paths` handles). Records are written synchronously (a few
+  bytes per call, at logging intervals) and flushed every `flush_secs` and on `flush()`, which is a real barrier:
+  tensorboardX's queued FileWriter does not wait for its queue on flush."""
 
-  def __init__(self, logdir: str, flush_secs: int = 30):
-    from tensorboardX import FileWriter, record_writer
+  def __init__(self, logdir: str, flush_secs: float = 30.0):
+    from tensorboardX import record_writer
+    from tensorboardX.event_file_writer import EventsWriter
     logdir = paths.resolve(logdir)
     if paths.is_url(logdir):  # tensorboardX's own gs:// / s3:// writers need extra packages; use etils.epath
       record_writer.register_writer_factory(logdir.split(":", 1)[0], _UrlFactory())
-    self.logdir = logdir
-    self._writer = FileWriter(logdir, flush_secs=flush_secs)
+    record_writer.directory_check(logdir)
+    self.logdir, self.flush_secs = logdir, flush_secs
+    self._events = EventsWriter(paths.join(logdir, "events"))
+    self._flushed = time.monotonic()
+
+  def _add(self, summary, step: int = 0) -> None:
+    from tensorboardX.proto import event_pb2
+    self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    if time.monotonic() - self._flushed > self.flush_secs:
+      self.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
@@ -86,18 +98,19 @@ class TensorBoardWriter:
     values = [summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor_pb2.TensorProto(
         dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(), float_val=[float(v)]))
               for tag, v in scalars.items()]
-    self._writer.add_summary(summary_pb2.Summary(value=values), int(step))
+    self._add(summary_pb2.Summary(value=values), step)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     from tensorboardX.summary import hparams as hparams_summaries
     for summary in hparams_summaries(dict(hparams), {}):
-      self._writer.add_summary(summary)
+      self._add(summary)
 
   def flush(self) -> None:
-    self._writer.flush()
+    self._events.flush()
+    self._flushed = time.monotonic()
 
   def close(self) -> None:
-    self._writer.close()
+    self._events.close()
 
 
 def _import_wandb():
