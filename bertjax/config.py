@@ -48,6 +48,14 @@ def base_config() -> ml_collections.ConfigDict:
   t.max_consecutive_skips = 10  # non-finite steps in a row (each skipped, not applied) before the run stops
   t.continue_schedule = ""  # resuming with a changed LR schedule: "restart" | "extend" (see README)
   t.allow_batch_size_change = False  # resume a checkpoint trained with another global_batch_size
+  t.eval_only = False  # evaluate (and write predictions) from the latest / init checkpoint; no training, no saving
+
+  w = config.wandb = ml_collections.ConfigDict()  # optional Weights & Biases logging (pip install wandb)
+  w.enabled = False
+  w.project = "bertjax"
+  w.entity = ""
+  w.name = ""  # run name ('' = wandb's)
+  w.mode = ""  # online | offline | disabled ('' = wandb's default)
 
   o = config.optimizer = ml_collections.ConfigDict()
   o.name = "adamw"  # adamw | lamb | sgd

@@ -109,7 +109,7 @@ def test_file_url_workdir_resumes_past_a_corrupt_latest_checkpoint(small_corpus,
 def test_gs_workdir_reaches_orbax_and_the_writer_unchanged(small_corpus, cache_dir, tmp_path, monkeypatch):
   """No network: the orbax manager and the metric writer are fakes that record the directory they get."""
   import orbax.checkpoint as ocp
-  from clu import metric_writers
+  from bertjax.train import writers
   seen = {}
   real_manager = ocp.CheckpointManager
 
@@ -120,13 +120,13 @@ def test_gs_workdir_reaches_orbax_and_the_writer_unchanged(small_corpus, cache_d
   class Stop(Exception):
     pass
 
-  def fake_writer(logdir, **kw):
+  def fake_writer(logdir, *args, **kw):
     seen["writer"] = logdir
     raise Stop
 
   written = {}
   monkeypatch.setattr(ocp, "CheckpointManager", fake_manager)
-  monkeypatch.setattr(metric_writers, "create_default_writer", fake_writer)
+  monkeypatch.setattr(writers, "create", fake_writer)
   monkeypatch.setattr(paths, "makedirs", lambda p: p)
   monkeypatch.setattr(paths, "exists", lambda p: False)
   monkeypatch.setattr(paths, "write_text", lambda p, text: written.setdefault(p, text))

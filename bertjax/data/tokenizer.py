@@ -11,11 +11,12 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Iterable
+from typing import Callable, Iterable
 
 from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
 
+from bertjax import paths
 from bertjax.errors import UserError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -102,6 +103,34 @@ def save(tok: Tokenizer, folder: str, lowercase: bool = True, model_max_length: 
       os.replace(os.path.join(tmp, name), os.path.join(folder, name))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lowercases(tok: Tokenizer) -> bool:
+  """Whether `tok` lowercases its input: asked of its normaliser, never of a config flag."""
+  return tok.normalizer is not None and tok.normalizer.normalize_str("Ab") == "ab"
+
+
+def for_run(workdir: str, source: Callable[[], str | None], lowercase: bool = True) -> tuple[Tokenizer | None, str]:
+  """(tokenizer, where it came from) for a run in `workdir`: the one saved there (a resumed run never changes
+  vocabulary under its checkpoint), else `source()` (`lowercase` matters only for a bare vocab.txt), else
+  (None, ''). `source` is called only when nothing is saved (an init checkpoint need not exist on resume)."""
+  saved = paths.join(workdir, "tokenizer", "tokenizer.json")
+  if paths.exists(saved):
+    with paths.staged_read(saved) as local:
+      return load(local), saved
+  src = source()
+  if src:
+    return load(src, lowercase), src
+  return None, ""
+
+
+def save_to_workdir(tok: Tokenizer, workdir: str, model_max_length: int = 512) -> None:
+  """`<workdir>/tokenizer/` as HF files, written once, with `do_lower_case` from the tokenizer itself (a cased
+  tokenizer stays cased in transformers, which rebuilds the normaliser from that flag)."""
+  if paths.exists(paths.join(workdir, "tokenizer", "tokenizer.json")):
+    return
+  with paths.staged(paths.join(workdir, "tokenizer")) as folder:
+    save(tok, folder, lowercases(tok), model_max_length)
 
 
 def fingerprint(tok: Tokenizer) -> str:

@@ -29,7 +29,7 @@ from bertjax.data import classify as data, glue, loader, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForSequenceClassification
 from bertjax.tasks import common, metrics
-from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, checkpoint_meta_of, load_tokenizer, save_tokenizer, valid_rows
+from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, load_tokenizer, valid_rows
 
 _CLASS_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "micro_precision", "micro_recall",
                   "micro_f1", "weighted_f1")
@@ -85,7 +85,8 @@ class ClassificationTask:
 
   def _resume_labels(self, names: list[str]) -> list[str]:
     """A resumed run keeps the checkpoint's label order; other classes in the training data are refused."""
-    old = checkpoint_meta_of(self.workdir)
+    from bertjax.train import checkpoint
+    old = checkpoint.latest_meta(self.workdir)
     if old.get("task") != self.name or "label_names" not in old:
       return names
     if sorted(old["label_names"]) != sorted(names):
@@ -243,8 +244,7 @@ class ClassificationTask:
     return {}
 
   def save_assets(self, workdir: str) -> None:
-    save_tokenizer(self.tok, self.tok_source, workdir, bool(self.config.data.get("lowercase", True)),
-                   self.model_config.max_position_embeddings)
+    toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
 
   def checkpoint_meta(self) -> dict[str, Any]:
     return {"num_labels": self.num_labels, "label_names": list(self.label_names),

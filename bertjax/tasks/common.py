@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import zipfile
@@ -79,9 +78,7 @@ def pretrained_model_config(config: ConfigDict) -> dict | None:
   """The architecture dict of `init_checkpoint` (bertjax) or `init_from_hf` (HF folder / hub name)."""
   if config.get("init_checkpoint"):
     from bertjax.train import checkpoint
-    step_dir = checkpoint.resolve_step_dir(config.init_checkpoint)
-    with open(os.path.join(step_dir, "meta", "metadata")) as f:
-      meta = json.load(f)
+    meta = checkpoint.read_meta(checkpoint.resolve_step_dir(config.init_checkpoint))
     return {k: v for k, v in meta["model_config"].items() if k not in _RUN_FIELDS}
   if config.get("init_from_hf"):
     from bertjax.convert import hf

@@ -85,13 +85,8 @@ class GlueTask:
 
   def _check_resume(self) -> None:
     """Refuse a workdir whose checkpoint holds another GLUE task's classifier (before writing anything)."""
-    root = os.path.join(self.workdir, "checkpoints")
-    steps = sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
-    meta_file = os.path.join(root, str(steps[-1]), "meta", "metadata") if steps else ""
-    if not meta_file or not os.path.exists(meta_file):
-      return
-    with open(meta_file) as f:
-      meta = json.load(f)
+    from bertjax.train import checkpoint
+    meta = checkpoint.latest_meta(self.workdir)
     old = (meta.get("glue_task"), meta.get("num_labels"))
     if meta.get("task") == self.name and old != (self.spec.name, self.num_labels):
       raise UserError(f"workdir {self.workdir} holds a checkpoint of GLUE task {old[0]} ({old[1]} labels), not "
@@ -99,16 +94,14 @@ class GlueTask:
 
   def _tokenizer(self) -> tuple[Any, str]:
     d = self.config.data
-    saved = os.path.join(self.workdir, "tokenizer", "tokenizer.json")
-    if os.path.exists(saved):  # resume: never change the vocabulary under a checkpoint
-      return toklib.load(saved), saved
-    src = d.get("tokenizer") or common.pretrained_tokenizer_dir(self.config)
-    if not src:
+    tok, src = toklib.for_run(self.workdir, lambda: d.get("tokenizer") or common.pretrained_tokenizer_dir(self.config),
+                              d.get("lowercase", True))
+    if tok is None:
       where = self.config.get("init_checkpoint") or self.config.get("init_from_hf")
       raise UserError("no tokenizer: set config.data.tokenizer (vocab.txt / tokenizer.json / HF folder)"
                       + (f"; {where} has none" if where else " or start from a pretrained model with "
                          "config.init_from_hf / config.init_checkpoint"))
-    return toklib.load(src, d.get("lowercase", True)), src
+    return tok, src
 
   def _where(self, split: str) -> str:
     d = self.config.data
@@ -225,16 +218,7 @@ class GlueTask:
     return {}
 
   def save_assets(self, workdir: str) -> None:
-    if paths.exists(paths.join(workdir, "tokenizer", "tokenizer.json")):
-      return
-    from bertjax.convert import hf
-    src = self.tok_source
-    with paths.staged(paths.join(workdir, "tokenizer")) as folder:
-      if os.path.isdir(src):
-        hf.export_tokenizer(src, folder, model_max_length=self.model_config.max_position_embeddings)
-      else:
-        toklib.save(self.tok, folder, self.config.data.get("lowercase", True),
-                    self.model_config.max_position_embeddings)
+    toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
 
   def checkpoint_meta(self) -> dict[str, Any]:
     return {"num_labels": self.num_labels, "glue_task": self.spec.name,

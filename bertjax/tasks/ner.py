@@ -10,8 +10,6 @@ The helpers at the top (tokenizer, cache keys, prediction rows) are shared with 
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
 from typing import Any, Callable, Mapping
@@ -36,28 +34,13 @@ MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
 def load_tokenizer(config: ConfigDict, workdir: str) -> tuple[Any, str]:
   """The workdir's saved tokenizer (resume), else `data.tokenizer`, else the init checkpoint's."""
-  saved = os.path.join(workdir, "tokenizer", "tokenizer.json")
-  if os.path.exists(saved):  # never change the vocabulary under a checkpoint
-    return toklib.load(saved), saved
   d = config.data
-  src = d.get("tokenizer") or common.pretrained_tokenizer_dir(config)
-  if not src:
+  tok, src = toklib.for_run(workdir, lambda: d.get("tokenizer") or common.pretrained_tokenizer_dir(config),
+                            bool(d.get("lowercase", True)))
+  if tok is None:
     raise UserError("no tokenizer: set config.data.tokenizer (vocab.txt, tokenizer.json or HF folder), or "
                     "config.init_from_hf / config.init_checkpoint, which bring their own")
-  return toklib.load(src, bool(d.get("lowercase", True))), src
-
-
-def save_tokenizer(tok: Any, source: str, workdir: str, lowercase: bool, model_max_length: int) -> None:
-  """`<workdir>/tokenizer/` as HF files: the source folder's own files when it is a folder."""
-  if paths.exists(paths.join(workdir, "tokenizer", "tokenizer.json")):
-    return
-  with paths.staged(paths.join(workdir, "tokenizer")) as folder:
-    if os.path.isdir(source):
-      from bertjax.convert import hf
-      hf.export_tokenizer(source, folder, model_max_length)
-    else:
-      lower = getattr(tok.normalizer, "lowercase", lowercase)
-      toklib.save(tok, folder, bool(lower), model_max_length)
+  return tok, src
 
 
 def file_key(path: str) -> str:
@@ -73,20 +56,6 @@ def valid_rows(outputs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]
   cat = {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
   keep = cat.pop("example_weights") > 0
   return {k: v[keep] for k, v in cat.items()}
-
-
-def checkpoint_meta_of(workdir: str) -> dict:
-  """The `meta` of the workdir's latest checkpoint ({} when there is none)."""
-  steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
-           if os.path.basename(p).isdigit()]
-  if not steps:
-    return {}
-  path = os.path.join(workdir, "checkpoints", str(max(steps)), "meta", "metadata")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
 
 
 def cache_dir_of(config: ConfigDict) -> str:
@@ -145,7 +114,8 @@ class NerTask:
 
   def _resume_labels(self, labels: list[str]) -> list[str]:
     """A resumed run keeps the checkpoint's label order; a training file with other tags is refused."""
-    old = checkpoint_meta_of(self.workdir).get("label_names")
+    from bertjax.train import checkpoint
+    old = checkpoint.latest_meta(self.workdir).get("label_names")
     if not old:
       return labels
     if not set(labels) <= set(old):
@@ -243,8 +213,7 @@ class NerTask:
     return {}
 
   def save_assets(self, workdir: str) -> None:
-    save_tokenizer(self.tok, self.tok_source, workdir, bool(self.config.data.get("lowercase", False)),
-                   self.model_config.max_position_embeddings)
+    toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
 
   def checkpoint_meta(self) -> dict[str, Any]:
     return {"num_labels": self.num_labels, "label_names": list(self.label_names)}

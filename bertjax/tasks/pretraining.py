@@ -16,7 +16,6 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tokenizers import Tokenizer
 
-from bertjax import paths
 from bertjax.data import cache, corpus, loader, pretraining as pt, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.bert import BertConfig
@@ -73,15 +72,10 @@ class PretrainingTask:
 
   def _find_or_train_tokenizer(self, train_docs) -> tuple[Any, str]:
     d = self.config.data
-    saved = paths.join(self.workdir, "tokenizer", "tokenizer.json")
-    if paths.exists(saved):  # resume: never change the vocabulary under a checkpoint
-      with paths.staged_read(saved) as local:
-        return toklib.load(local), saved
-    if d.tokenizer:
-      return toklib.load(d.tokenizer, d.lowercase), d.tokenizer
-    hf_dir = common.pretrained_tokenizer_dir(self.config)
-    if hf_dir:
-      return toklib.load(hf_dir, d.lowercase), hf_dir
+    tok, source = toklib.for_run(self.workdir, lambda: d.tokenizer or common.pretrained_tokenizer_dir(self.config),
+                                 d.lowercase)
+    if tok is not None:
+      return tok, source
     key = hashlib.sha256(f"{train_docs._fingerprint}/{d.vocab_size}/{d.lowercase}".encode()).hexdigest()[:16]
     folder = os.path.join(self.cache_dir, "tokenizers", key)
     cached = os.path.join(folder, "tokenizer.json")
@@ -162,9 +156,7 @@ class PretrainingTask:
 
   # -- outputs --------------------------------------------------------------------------------------------
   def save_assets(self, workdir: str) -> None:
-    if not paths.exists(paths.join(workdir, "tokenizer", "tokenizer.json")):
-      with paths.staged(paths.join(workdir, "tokenizer")) as folder:
-        toklib.save(self.tok, folder, self.config.data.lowercase, self.model_config.max_position_embeddings)
+    toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
 
   def checkpoint_meta(self) -> dict[str, Any]:
     return {}

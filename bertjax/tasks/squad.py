@@ -25,8 +25,7 @@ from bertjax.data import loader, squad, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForQuestionAnswering
 from bertjax.tasks import common, metrics
-from bertjax.tasks.ner import (MODEL_KEYS, cache_dir_of, file_key, load_tokenizer, save_tokenizer,
-                               valid_rows)
+from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, file_key, load_tokenizer, valid_rows
 
 _POSITIONS = ("start_positions", "end_positions")
 _HOST_KEYS = ("example_index", "offsets", "token_is_max_context")  # post-processing only; never on device
@@ -173,8 +172,7 @@ class SquadTask:
     return {}
 
   def save_assets(self, workdir: str) -> None:
-    save_tokenizer(self.tok, self.tok_source, workdir, bool(self.config.data.get("lowercase", True)),
-                   self.model_config.max_position_embeddings)
+    toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
 
   def checkpoint_meta(self) -> dict[str, Any]:
     return {"squad_version": str(self.config.data.version)}

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from bertjax import paths
 from bertjax.errors import UserError
@@ -131,6 +130,16 @@ def read_meta(step_dir: str) -> dict:
     raise ValueError(f"{f}: unreadable checkpoint meta ({type(e).__name__}: {e})") from e
 
 
+def latest_meta(workdir: str) -> dict:
+  """The `meta` of the workdir's latest step; {} when it has no checkpoint or that meta is unreadable."""
+  root = paths.join(workdir, CHECKPOINT_SUBDIR)
+  steps = sorted(int(d) for d in paths.listdir(root) if d.isdigit()) if paths.isdir(root) else []
+  try:
+    return read_meta(paths.join(root, str(steps[-1]))) if steps else {}
+  except ValueError:
+    return {}
+
+
 def set_aside(step_dir: str, reason: str) -> str:
   """Rename an unreadable step folder to `<step>.corrupt-<UTC time>` (never deleted) and say so."""
   dst = f"{step_dir.rstrip('/')}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
@@ -157,9 +166,8 @@ def load_params(path: str) -> tuple[dict, dict]:
     tree = ckptr.metadata(folder).item_metadata.tree
     args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     params = ckptr.restore(folder, args=ocp.args.PyTreeRestore(restore_args=args))
-  meta = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir) / "meta", args=ocp.args.JsonRestore())
   params = jax.tree_util.tree_map(np.asarray, _int_keys(params))
-  return params, dict(meta or {})
+  return params, read_meta(step_dir)
 
 
 def save_params(directory: str, step: int, params: Any, meta: Mapping[str, Any]) -> str:

@@ -23,7 +23,7 @@ from bertjax import paths, tasks
 from bertjax.data.loader import prefetch
 from bertjax.errors import UserError
 from bertjax.tasks import common
-from bertjax.train import checkpoint, metrics as mlib, optim, resilience, sharding
+from bertjax.train import checkpoint, metrics as mlib, optim, progress, resilience, sharding, writers
 
 
 @dataclasses.dataclass
@@ -309,8 +309,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   workdir = paths.resolve(workdir)
   if paths.exists(workdir) and not paths.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file; pass a folder")
+  writers.check(config)
   trainer = Trainer(config, workdir)
   trainer.setup()  # all validation and data loading; nothing written to workdir yet
+  if config.training.get("eval_only"):
+    return evaluate_only(trainer, config, workdir)
   paths.makedirs(workdir)
   with resilience.WorkdirLock(workdir), resilience.PreemptionWatcher() as watcher:
     return _train(trainer, config, workdir, watcher)
@@ -342,15 +345,14 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
     task.save_assets(workdir)
     resilience.write_config(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
 
-  from clu import metric_writers, periodic_actions  # imports TensorFlow: only once the inputs are known good
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, config, just_logging=jax.process_index() > 0)
   if state.step == 0 and jax.process_index() == 0:
     from clu import parameter_overview  # shapes, sizes and shardings from array metadata: nothing leaves the devices
     logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params,
                                                                                     include_stats="sharding"))
     writer.write_hparams(_flat(config.to_dict()))
   n_steps = trainer.num_train_steps
-  report = periodic_actions.ReportProgress(num_train_steps=n_steps, writer=writer, every_steps=t.log_every_steps)
+  report = progress.ReportProgress(n_steps, writer, every_steps=t.log_every_steps)
   tokens_per_step = t.global_batch_size * config.data.get("max_seq_length", 0)
   batches = prefetch((trainer.source.batch(s) for s in range(state.step, n_steps)), trainer.put_batch,
                      size=int(config.data.get("prefetch", 2)))
@@ -437,6 +439,36 @@ def serial_collectives(mesh) -> bool:
   devices (benchmarks/cpu_collectives_abort.py reproduces it); accelerators and one CPU device are unaffected."""
   devices = mesh.devices.flat
   return mesh.devices.size > 1 and all(d.platform == "cpu" for d in devices)
+
+
+def evaluate_only(trainer: Trainer, config: ConfigDict, workdir: str) -> dict[str, float]:
+  """`training.eval_only`: metrics and predictions of the workdir's latest checkpoint (else of init_checkpoint /
+  init_from_hf) in `<workdir>/eval_only_<step>/`. Nothing is trained; no checkpoint is written, moved or cleaned
+  (the checkpoint is read like an init_checkpoint, without an orbax manager)."""
+  ckpts = paths.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
+  step = 0
+  if paths.isdir(ckpts) and any(d.isdigit() for d in paths.listdir(ckpts)):
+    step_dir = checkpoint.resolve_step_dir(workdir)
+    step = int(checkpoint.read_meta(step_dir).get("step", 0))
+    trainer.config = config = config.copy_and_resolve_references()
+    config.init_checkpoint, config.init_from_hf = step_dir, ""
+  elif not (config.get("init_checkpoint") or config.get("init_from_hf")):
+    raise UserError(f"training.eval_only=True needs a checkpoint: {ckpts} has none; pass the trained workdir as "
+                    "--workdir, or --config.init_checkpoint / --config.init_from_hf")
+  params = trainer.init_state().params
+  out = paths.join(workdir, f"eval_only_{step}")
+  paths.makedirs(out)
+  writer = writers.create(out, config, just_logging=jax.process_index() > 0)
+  try:
+    final = trainer.run_eval(params, step, writer)
+    if hasattr(trainer.task, "finalize"):
+      final.update(trainer.task.finalize(lambda batches: trainer.predict(params, batches), out) or {})
+  finally:
+    writer.close()
+  if jax.process_index() == 0:
+    paths.write_text(paths.join(out, "eval_metrics.json"), json.dumps({"step": step, **final}, indent=2))
+  logging.info("eval only: metrics and predictions of step %d in %s", step, out)
+  return final
 
 
 def freeze_patterns(t: ConfigDict) -> list[str]:
