@@ -22,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_probs_dropout_prob = 0.1
   m.initializer_range = config_dict.placeholder(float)  # std of the normal init (preset: 0.02)
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  m.attention = "auto"  # auto | xla | cudnn | splash; fused kernels need attention_probs_dropout_prob=0
+  m.remat = "none"  # none | full | dots: recompute each layer's activations in the backward pass
+  m.scan_layers = False  # layers under jax.lax.scan: one layer body compiled (same checkpoints / HF export)
 
   d = config.data = ml_collections.ConfigDict()
   d.cache_dir = ""  # default: $BERTJAX_CACHE or ~/.cache/bertjax
