@@ -13,7 +13,6 @@ softmax row is empty; their outputs are never used).
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import jax
@@ -118,7 +117,6 @@ def _cudnn(q, k, v, key_mask, segment_ids):
                                       implementation="cudnn")
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -131,7 +129,7 @@ def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
 
 def _splash(q, k, v, key_mask, segment_ids, interpret: bool):
   b, t, h, d = q.shape
-  kernel, sk = _splash_kernel(h, t, interpret)
+  kernel, sk = _splash_kernel(h, t, interpret)  # built per trace: its mask arrays are constants of that trace
   seg = segment_ids if segment_ids is not None else key_mask
   seg = seg.astype(jnp.int32)
   # splash takes [heads, T, head_dim] per example and does not scale the logits itself
