@@ -10,6 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 42
   config.init_checkpoint = ""  # a bertjax workdir or step folder to start from
   config.init_from_hf = ""  # an HF folder or hub name to start from
+  config.compilation_cache = ""  # XLA's persistent cache: '' = <cache dir>/xla_compilation_cache, 'off', or a folder
 
   m = config.model = ml_collections.ConfigDict()
   m.preset = "base"  # tiny | mini | small | medium | base | large ('' = give every field)
