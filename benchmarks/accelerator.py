@@ -9,7 +9,8 @@ MFU = model FLOP/s over the chip's peak dense bf16 FLOP/s (a table by `device_ki
 measured in this run. Model FLOPs per sequence: 6 * N * T (N = encoder parameters without the embeddings)
 + 12 * L * d * T^2 (attention scores and values, forward + backward) + 6 * P * (d^2 + d * V) (the MLM head at P
 masked positions). The smoke mode runs float32 and reports MFU against the measured float32 matmul only.
-It imports only jax, flax, optax, numpy and bertjax's model modules (a lent machine may have nothing else) and stops starting new rows after `--budget_s` so that it ends in under 5 minutes.
+It imports only jax, flax, optax, numpy and bertjax's model modules (a lent machine may have nothing else)
+and starts no new row after `--budget_s`, so that it ends in under 5 minutes.
 """
 
 from __future__ import annotations
@@ -64,12 +65,17 @@ def matmul_peak(n: int, reps: int, dtype=jnp.bfloat16) -> float:
   return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def make_batch(cfg: BertConfig, b: int, t: int, p: int, seed: int = 0) -> dict[str, jax.Array]:
+def make_batch(cfg: BertConfig, b: int, t: int, p: int, seed: int = 0, lengths=None) -> dict[str, jax.Array]:
+  """A random pretraining batch [b, t]; rows are full unless `lengths` [b] gives each row's real tokens (the rest
+  is padding); `p` masked positions per row among the real tokens."""
   r = np.random.RandomState(seed)
-  ids = r.randint(5, cfg.vocab_size, (b, t)).astype(np.int32)
-  types = (np.arange(t)[None] >= t // 2).astype(np.int32).repeat(b, 0)
-  pos = np.sort(np.stack([r.choice(np.arange(1, t), p, replace=False) for _ in range(b)]), 1).astype(np.int32)
-  batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": np.ones_like(ids),
+  lengths = np.full(b, t) if lengths is None else np.minimum(np.asarray(lengths), t)
+  real = np.arange(t)[None] < lengths[:, None]
+  ids = np.where(real, r.randint(5, cfg.vocab_size, (b, t)), 0).astype(np.int32)
+  types = ((np.arange(t)[None] >= lengths[:, None] // 2) & real).astype(np.int32)
+  pos = np.stack([np.sort(r.choice(np.arange(1, n), min(p, n - 1), replace=False)).tolist()
+                  + [0] * (p - min(p, n - 1)) for n in lengths]).astype(np.int32)
+  batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": real.astype(np.int32),
            "masked_positions": pos, "masked_labels": np.take_along_axis(ids, pos, 1),
            "nsp_labels": r.randint(0, 2, (b,)).astype(np.int32)}
   return {k: jnp.asarray(v) for k, v in batch.items()}
