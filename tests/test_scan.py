@@ -1,5 +1,6 @@
-"""model.scan_layers / model.remat: the same parameter tree, outputs and gradients as the plain layer loop, and
-HF import -> forward -> export stays exact with the layers scanned."""
+"""Memory / compile options. model.scan_layers / model.remat: the same parameter tree, outputs and gradients as the
+plain layer loop, and HF import -> forward -> export stays exact with the layers scanned; the persistent XLA
+compilation cache: on by default under the bertjax cache, a folder or 'off' from the config or the environment."""
 
 import dataclasses
 
@@ -92,3 +93,25 @@ def test_hf_import_forward_export_exact_with_scan():
   assert back.keys() == state.keys()
   for k, v in state.items():
     assert back[k].dtype == v.dtype and back[k].tobytes() == v.tobytes(), k
+
+
+def test_compilation_cache_default_override_and_off(monkeypatch, tmp_path):
+  from bertjax import main
+  from bertjax.config import base_config
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    config = base_config()
+    config.data.cache_dir = str(tmp_path / "cache")
+    monkeypatch.delenv("BERTJAX_COMPILATION_CACHE", raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert main.compilation_cache(config) == str(tmp_path / "cache" / "xla_compilation_cache")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache" / "xla_compilation_cache")
+    monkeypatch.setenv("BERTJAX_COMPILATION_CACHE", str(tmp_path / "env"))
+    assert main.compilation_cache(config) == str(tmp_path / "env")
+    config.compilation_cache = str(tmp_path / "cfg")  # the config wins over the environment
+    assert main.compilation_cache(config) == str(tmp_path / "cfg")
+    jax.config.update("jax_compilation_cache_dir", before)
+    config.compilation_cache = "off"
+    assert main.compilation_cache(config) is None and jax.config.jax_compilation_cache_dir == before
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
