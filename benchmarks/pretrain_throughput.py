@@ -1,84 +1,46 @@
-"""Pretraining train-step throughput: bertjax vs transformers' BertForPreTraining (PyTorch) on the same shapes.
+"""Pretraining real-token throughput: bertjax vs transformers' BertForPreTraining (PyTorch), presets in one run.
 
-  python benchmarks/pretrain_throughput.py --preset=mini --batch=32 --seq=128 --steps=10
+  python benchmarks/pretrain_throughput.py --presets=tiny,mini,base --batch=32 --seq=128 --steps=10
+  python benchmarks/pretrain_throughput.py --presets=mini --lengths=default_corpus   # the default run's pair lengths
 
-Both sides run a full training step (forward, backward, AdamW update) on the same random batch shape with
-15% masked positions. bertjax computes MLM logits only at the `max_predictions` masked positions (its
-design); transformers computes them at every position (its `BertForPreTraining` API). MFU uses
-FLOPs/token = 6N + 12*L*d*T (N = non-embedding parameters) against a matmul peak measured in this run.
+Both sides run a full training step (forward, backward, AdamW) on the same random token ids with 15% masked
+positions. Rows hold `--seq` tokens, or, with `--lengths=default_corpus`, the lengths of a random sample of the
+default run's NSP pairs (BBC News, `configs/mlm.py`; built or read from the bertjax cache), the rest padding.
+Throughput counts real (non-pad) tokens only. bertjax pads every batch to `--seq` and computes MLM logits only
+at the masked positions (its design); transformers runs as its users run it: `BertForPreTraining` with
+`labels` (logits at every position), each batch padded to its longest row (`DataCollatorForLanguageModeling`'s
+dynamic padding). MFU uses FLOPs/token = 6N + 12*L*d*T (N = non-embedding parameters) against a float32 matmul
+peak measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-from bertjax.models.bert import BertConfig
-from bertjax.models.heads import BertForPreTraining
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accelerator import make_batch, matmul_peak, train_step_time  # noqa: E402  (benchmarks/accelerator.py)
 
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-  """Measured float32 matmul FLOP/s of the default JAX device."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  t = time.perf_counter()
-  for _ in range(reps):
-    out = f(a)
-  out.block_until_ready()
-  return 2 * n**3 * reps / (time.perf_counter() - t)
+from bertjax.models.bert import BertConfig  # noqa: E402
 
 
-def make_batch(cfg: BertConfig, b: int, t: int, p: int, seed: int = 0) -> dict[str, np.ndarray]:
-  r = np.random.RandomState(seed)
-  ids = r.randint(5, cfg.vocab_size, (b, t)).astype(np.int32)
-  types = np.zeros_like(ids)
-  types[:, t // 2:] = 1
-  pos = np.sort(np.stack([r.choice(np.arange(1, t), p, replace=False) for _ in range(b)]), 1).astype(np.int32)
-  return {"input_ids": ids, "token_type_ids": types, "attention_mask": np.ones_like(ids),
-          "masked_positions": pos, "masked_labels": np.take_along_axis(ids, pos, 1),
-          "nsp_labels": r.randint(0, 2, (b,)).astype(np.int32)}
-
-
-def bertjax_step_time(cfg: BertConfig, batch: dict, steps: int) -> tuple[float, int]:
-  model = BertForPreTraining(cfg, nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(params)
-  tx = optax.adamw(1e-4, weight_decay=0.01)
-  opt = tx.init(params)
-
-  def loss_fn(p, b, key):
-    m = nnx.merge(graphdef, p)
-    mlm, nsp = m(b["input_ids"], b["token_type_ids"], b["attention_mask"], b["masked_positions"],
-                 deterministic=False, rngs=nnx.Rngs(dropout=key))
-    return (optax.softmax_cross_entropy_with_integer_labels(mlm, b["masked_labels"]).mean()
-            + optax.softmax_cross_entropy_with_integer_labels(nsp, b["nsp_labels"]).mean())
-
-  def step(p, o, b, key):
-    loss, g = jax.value_and_grad(loss_fn)(p, b, key)
-    u, o = tx.update(g, o, p)
-    return optax.apply_updates(p, u), o, loss
-
-  step = jax.jit(step, donate_argnums=(0, 1))
-  b = {k: jnp.asarray(v) for k, v in batch.items()}
-  key = jax.random.key(0)
-  params, opt, loss = step(params, opt, b, key)  # compile
-  loss.block_until_ready()
-  t = time.perf_counter()
-  for i in range(steps):
-    params, opt, loss = step(params, opt, b, jax.random.fold_in(key, i))
-  loss.block_until_ready()
-  dt = (time.perf_counter() - t) / steps
-  n_nonembed = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
-                   if "embeddings" not in jax.tree_util.keystr(path))
-  return dt, n_nonembed
+def default_corpus_lengths(n: int, seq: int, seed: int = 0) -> np.ndarray:
+  """Real lengths of `n` random NSP pairs of the default pretraining run (configs/mlm.py) at length `seq`."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import mlm
+  from bertjax.tasks.pretraining import PretrainingTask
+  config = mlm.get_config()
+  config.data.max_seq_length = seq
+  task = PretrainingTask(config, "/tmp/bertjax_throughput_unused")
+  task.prepare()
+  lengths = np.asarray(task.train_pairs["lengths"])
+  print(f"default corpus: {len(lengths):,} pairs at length {seq}; real tokens {lengths.mean() / seq:.1%} of the "
+        f"padded rows")
+  return np.random.RandomState(seed).choice(lengths, n, replace=False)
 
 
 def torch_step_time(cfg: BertConfig, batch: dict, steps: int) -> float | None:
@@ -95,14 +57,15 @@ def torch_step_time(cfg: BertConfig, batch: dict, steps: int) -> float | None:
                                    max_position_embeddings=cfg.max_position_embeddings)
   model = transformers.BertForPreTraining(hf_cfg).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-  ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+  longest = int(np.asarray(batch["attention_mask"]).sum(1).max())  # dynamic padding: the longest row
+  cut = lambda k: torch.tensor(np.asarray(batch[k])[:, :longest], dtype=torch.long)
+  ids = cut("input_ids")
   labels = torch.full_like(ids, -100)
   rows = torch.arange(ids.shape[0])[:, None]
-  pos = torch.tensor(batch["masked_positions"], dtype=torch.long)
-  labels[rows, pos] = torch.tensor(batch["masked_labels"], dtype=torch.long)
-  inputs = dict(input_ids=ids, token_type_ids=torch.tensor(batch["token_type_ids"], dtype=torch.long),
-                attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long), labels=labels,
-                next_sentence_label=torch.tensor(batch["nsp_labels"], dtype=torch.long))
+  pos = torch.tensor(np.asarray(batch["masked_positions"]), dtype=torch.long)
+  labels[rows, pos] = torch.tensor(np.asarray(batch["masked_labels"]), dtype=torch.long)
+  inputs = dict(input_ids=ids, token_type_ids=cut("token_type_ids"), attention_mask=cut("attention_mask"),
+                labels=labels, next_sentence_label=torch.tensor(np.asarray(batch["nsp_labels"]), dtype=torch.long))
 
   def one():
     opt.zero_grad(set_to_none=True)
@@ -116,36 +79,47 @@ def torch_step_time(cfg: BertConfig, batch: dict, steps: int) -> float | None:
   return (time.perf_counter() - t) / steps
 
 
+def run_preset(preset: str, a, peak: float, lengths) -> None:
+  vocab = a.vocab or 30522
+  cfg = BertConfig.from_preset(preset, vocab_size=vocab, dtype=a.dtype)
+  batch = make_batch(cfg, a.batch, a.seq, a.max_predictions, lengths=lengths)
+  real = int(np.asarray(batch["attention_mask"]).sum())
+  steps = a.steps if preset not in ("base", "large") else max(2, a.steps // 2)
+  dt, _, n = train_step_time(cfg, batch, steps)
+  flops_per_token = 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * a.seq
+  tps = real / dt
+  print(f"[{preset}] L={cfg.num_hidden_layers}, d={cfg.hidden_size}, non-embedding N={n:,} | batch {a.batch} x seq "
+        f"{a.seq} ({real:,} real tokens, {1 - real / (a.batch * a.seq):.1%} padding) | vocab {vocab} | {steps} steps")
+  print(f"  bertjax:      {dt * 1e3:9.1f} ms/step  {tps:10,.0f} real tokens/s  MFU {tps * flops_per_token / peak:6.1%}")
+  ref = None if a.no_torch else torch_step_time(cfg, batch, steps)
+  if ref is None:
+    print("  transformers: not measured (torch/transformers not installed or --no_torch)")
+    return
+  print(f"  transformers: {ref * 1e3:9.1f} ms/step  {real / ref:10,.0f} real tokens/s  "
+        f"MFU {real / ref * flops_per_token / peak:6.1%}  (PyTorch {__import__('torch').__version__}, CPU)")
+  print(f"  ratio bertjax / transformers real tokens/s: {ref / dt:.2f}x")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--preset", default="mini")
+  ap.add_argument("--presets", default="tiny,mini,base")
+  ap.add_argument("--preset", default=None, help="one preset (the same as --presets=NAME)")
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--max_predictions", type=int, default=20)
-  ap.add_argument("--vocab", type=int, default=30522)
+  ap.add_argument("--vocab", type=int, default=None, help="default 30522")
+  ap.add_argument("--lengths", default="full", help="full | default_corpus")
   ap.add_argument("--dtype", default="float32")
-  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--steps", type=int, default=10, help="timed steps (halved for base and large)")
   ap.add_argument("--no_torch", action="store_true")
   a = ap.parse_args()
-  cfg = BertConfig.from_preset(a.preset, vocab_size=a.vocab, dtype=a.dtype)
-  batch = make_batch(cfg, a.batch, a.seq, a.max_predictions)
-  tokens = a.batch * a.seq
-  peak = matmul_peak()
-  dt, n = bertjax_step_time(cfg, batch, a.steps)
-  flops_per_token = 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * a.seq
-  tps = tokens / dt
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} | preset {a.preset} "
-        f"(L={cfg.num_hidden_layers}, d={cfg.hidden_size}, non-embedding N={n:,}) | batch {a.batch} x seq {a.seq} "
-        f"| vocab {a.vocab} | dtype {a.dtype}")
-  print(f"measured matmul peak: {peak / 1e9:,.1f} GFLOP/s; FLOPs/token = 6N + 12*L*d*T = {flops_per_token / 1e6:,.1f} M")
-  print(f"bertjax:      {dt * 1e3:8.1f} ms/step  {tps:10,.0f} tokens/s  MFU {tps * flops_per_token / peak:6.1%}")
-  ref = None if a.no_torch else torch_step_time(cfg, batch, a.steps)
-  if ref is None:
-    print("transformers: not measured (torch/transformers not installed or --no_torch)")
-    return
-  print(f"transformers: {ref * 1e3:8.1f} ms/step  {tokens / ref:10,.0f} tokens/s  "
-        f"MFU {tokens / ref * flops_per_token / peak:6.1%}  (PyTorch {__import__('torch').__version__}, CPU)")
-  print(f"ratio bertjax / transformers tokens/s: {ref / dt:.2f}x")
+  import jax
+  lengths = default_corpus_lengths(a.batch, a.seq) if a.lengths == "default_corpus" else None
+  peak = matmul_peak(2048, 10, np.float32)
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; measured float32 matmul peak "
+        f"{peak / 1e9:,.1f} GFLOP/s; dtype {a.dtype}")
+  for preset in (a.preset or a.presets).split(","):
+    run_preset(preset, a, peak, lengths)
 
 
 if __name__ == "__main__":

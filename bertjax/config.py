@@ -10,6 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 42
   config.init_checkpoint = ""  # a bertjax workdir or step folder to start from
   config.init_from_hf = ""  # an HF folder or hub name to start from
+  config.compilation_cache = ""  # XLA's persistent cache: '' = <cache dir>/xla_compilation_cache, 'off', or a folder
 
   m = config.model = ml_collections.ConfigDict()
   m.preset = "base"  # tiny | mini | small | medium | base | large ('' = give every field)
@@ -22,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_probs_dropout_prob = 0.1
   m.initializer_range = config_dict.placeholder(float)  # std of the normal init (preset: 0.02)
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  m.attention = "auto"  # auto | xla | cudnn | splash; fused kernels need attention_probs_dropout_prob=0
+  m.remat = "none"  # none | full | dots: recompute each layer's activations in the backward pass
+  m.scan_layers = False  # layers under jax.lax.scan: one layer body compiled (same checkpoints / HF export)
 
   d = config.data = ml_collections.ConfigDict()
   d.cache_dir = ""  # default: $BERTJAX_CACHE or ~/.cache/bertjax

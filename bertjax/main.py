@@ -43,6 +43,7 @@ def main(argv):
     explicit = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
                                                   ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
     jax.distributed.initialize(**explicit)  # TPU pods, SLURM, ... are auto-detected
+  compilation_cache(config)
   name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename or "run"))[0]
   workdir = FLAGS.workdir or os.path.join("workdirs", name)
   shown = workdir if "://" in workdir else os.path.abspath(workdir)  # a URL stays a URL
@@ -50,6 +51,24 @@ def main(argv):
                jax.devices()[0].platform, jax.process_index(), jax.process_count(), shown)
   from bertjax.train.trainer import train_and_evaluate
   train_and_evaluate(config, workdir)
+
+
+def compilation_cache(config) -> str | None:
+  """Turn on XLA's persistent compilation cache (a re-run loads the steps it compiled before): `compilation_cache`
+  in the config, else $BERTJAX_COMPILATION_CACHE, else <bertjax cache>/xla_compilation_cache; 'off' disables it.
+  A JAX_COMPILATION_CACHE_DIR set by the user is left as it is."""
+  import jax
+  choice = str(config.get("compilation_cache") or os.environ.get("BERTJAX_COMPILATION_CACHE", ""))
+  if choice.lower() in ("off", "none", "false", "0"):
+    return None
+  if not choice and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  if not choice:
+    from bertjax.data.corpus import default_cache_dir
+    choice = os.path.join(config.data.get("cache_dir") or default_cache_dir(), "xla_compilation_cache")
+  jax.config.update("jax_compilation_cache_dir", choice)
+  logging.info("XLA compilation cache: %s (compilation_cache='off' disables it)", choice)
+  return choice
 
 
 def _load_config():

@@ -4,6 +4,7 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("BERTJAX_COMPILATION_CACHE", "off")  # tests never write XLA's cache under ~/.cache
 
 from pathlib import Path  # noqa: E402
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
   from bertjax.models.bert import BertConfig
 
 HEAD_CHOICES = ("auto", *HF_ARCHITECTURE)
+NOT_HF_FIELDS = ("dtype", "attention", "remat", "scan_layers")  # how bertjax computes, not the architecture
 Log = Callable[[str], None]
 
 
@@ -135,7 +136,7 @@ def _workdir_tokenizer(step_dir: str) -> str:
 def hf_config(cfg: BertConfig, head: str, num_labels: int | None, label_names: list[str] | None,
               problem_type: str | None = None) -> dict:
   """transformers `config.json` for `cfg` and `head`."""
-  fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dtype"}
+  fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HF_FIELDS}
   out: dict[str, Any] = {"architectures": [HF_ARCHITECTURE[head]], "model_type": "bert", **fields,
                          "position_embedding_type": "absolute", "classifier_dropout": None, "is_decoder": False,
                          "add_cross_attention": False, "use_cache": True, "tie_word_embeddings": True,
@@ -170,7 +171,7 @@ def to_hf(checkpoint_path: str, out: str, verify: bool | None = None, atol: floa
     if not isinstance(meta.get("model_config"), dict):
       raise UserError(f"checkpoint {step_dir} has no model_config in its meta; it was not written by bertjax")
     from bertjax.models.bert import BertConfig
-    known = {f.name for f in dataclasses.fields(BertConfig)} - {"dtype"}
+    known = {f.name for f in dataclasses.fields(BertConfig)} - set(NOT_HF_FIELDS)
     cfg = BertConfig(**{k: v for k, v in meta["model_config"].items() if k in known}, dtype="float32")
     num_labels = None
     if head in hf.CLASSIFIER_HEADS:

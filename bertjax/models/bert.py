@@ -3,8 +3,11 @@
 Every attribute name matches transformers' module path (`encoder.layer.3.attention.self.query`, ...), so
 conversion is a key rename plus a transpose of Linear kernels (see `bertjax/convert`). Post-LayerNorm, exact
 (erf) GELU, learned absolute positions, token types, tanh pooler. Parameters are float32; `dtype` sets the
-compute dtype; attention softmax runs in float32. Every parameter carries logical axis names that
-`bertjax.train.sharding` maps onto the mesh.
+compute dtype; attention runs through `bertjax.models.attention` (XLA with a float32 softmax, or a fused cuDNN /
+splash kernel; `model.attention`). Every parameter carries logical axis names that `bertjax.train.sharding` maps
+onto the mesh. `remat` recomputes each layer's activations in the backward pass; `scan_layers` runs the layers
+under one `jax.lax.scan` (one layer body to compile) while the parameters stay per layer, so checkpoints, HF
+conversion and path-based freezing see the same tree either way.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bertjax.errors import UserError
+from bertjax.models import attention as attn
 
 # Google's published BERT shapes (Turc et al. 2019 miniatures + the paper's base/large).
 PRESETS: dict[str, dict[str, int]] = {
@@ -29,6 +33,9 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# How a run computes, not what it learnt: free to change between runs of the same checkpoint; not HF config.
+RUNTIME_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dtype", "attention", "remat", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +56,9 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   pad_token_id: int = 0
   dtype: str = "float32"  # compute dtype; parameters stay float32
+  attention: str = "auto"  # auto | xla | cudnn | splash (bertjax.models.attention)
+  remat: str = "none"  # none | full | dots (save only the dense layers' matmul outputs)
+  scan_layers: bool = False  # run the layers under jax.lax.scan (faster compiles for deep models)
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -59,6 +69,10 @@ class BertConfig:
       raise UserError(f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
     if self.hidden_act not in ("gelu", "gelu_new", "relu"):
       raise UserError(f"model.hidden_act={self.hidden_act!r} is not supported; use 'gelu'")
+    if self.attention not in attn.CHOICES:
+      raise UserError(f"model.attention={self.attention!r} is not one of {list(attn.CHOICES)}")
+    if self.remat not in REMAT_POLICIES:
+      raise UserError(f"model.remat={self.remat!r} is not one of {list(REMAT_POLICIES)}")
 
   @property
   def compute_dtype(self) -> Any:
@@ -118,34 +132,35 @@ class BertEmbeddings(nnx.Module):
     self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
 
-  def __call__(self, input_ids, token_type_ids, *, deterministic: bool, rngs: nnx.Rngs | None):
-    positions = jnp.arange(input_ids.shape[-1])[None, :]
+  def __call__(self, input_ids, token_type_ids, *, position_ids=None, deterministic: bool, rngs: nnx.Rngs | None):
+    positions = jnp.arange(input_ids.shape[-1])[None, :] if position_ids is None else position_ids
     x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
          + self.token_type_embeddings(token_type_ids))
     return self.dropout(self.LayerNorm(x), deterministic=deterministic, rngs=rngs)
 
 
 class BertSelfAttention(nnx.Module):
-  """Multi-head scaled dot-product attention; logits and softmax in float32."""
+  """Multi-head scaled dot-product attention through `attention.dot_product_attention` (`cfg.attention`)."""
 
   def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
     self.num_heads = cfg.num_attention_heads
+    self.implementation = cfg.attention
     d = cfg.hidden_size
     self.query = dense(cfg, d, d, ("embed", "heads"), rngs)
     self.key = dense(cfg, d, d, ("embed", "heads"), rngs)
     self.value = dense(cfg, d, d, ("embed", "heads"), rngs)
     self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
 
-  def __call__(self, x, mask, *, deterministic: bool, rngs: nnx.Rngs | None):
+  def __call__(self, x, mask, segment_ids=None, *, deterministic: bool, rngs: nnx.Rngs | None):
     b, t, d = x.shape
     split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(d // self.num_heads))
-    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = self.dropout(probs, deterministic=deterministic, rngs=rngs).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+    impl = attn.choose(self.implementation, dtype=q.dtype, dropout=self.dropout.rate, seq_len=t,
+                       head_dim=d // self.num_heads)
+    drop = lambda p: self.dropout(p, deterministic=deterministic, rngs=rngs)
+    out = attn.dot_product_attention(q, k, v, key_mask=mask, segment_ids=segment_ids, implementation=impl,
+                                     dropout_fn=drop)
+    return out.reshape(b, t, d)
 
 
 class BertSelfOutput(nnx.Module):
@@ -166,8 +181,8 @@ class BertAttention(nnx.Module):
     self.self = BertSelfAttention(cfg, rngs)
     self.output = BertSelfOutput(cfg, rngs)
 
-  def __call__(self, x, mask, *, deterministic: bool, rngs: nnx.Rngs | None):
-    h = self.self(x, mask, deterministic=deterministic, rngs=rngs)
+  def __call__(self, x, mask, segment_ids=None, *, deterministic: bool, rngs: nnx.Rngs | None):
+    h = self.self(x, mask, segment_ids, deterministic=deterministic, rngs=rngs)
     return self.output(h, x, deterministic=deterministic, rngs=rngs)
 
 
@@ -201,20 +216,55 @@ class BertLayer(nnx.Module):
     self.intermediate = BertIntermediate(cfg, rngs)
     self.output = BertOutput(cfg, rngs)
 
-  def __call__(self, x, mask, *, deterministic: bool, rngs: nnx.Rngs | None):
-    a = self.attention(x, mask, deterministic=deterministic, rngs=rngs)
+  def __call__(self, x, mask, segment_ids=None, *, deterministic: bool, rngs: nnx.Rngs | None):
+    a = self.attention(x, mask, segment_ids, deterministic=deterministic, rngs=rngs)
     return self.output(self.intermediate(a), a, deterministic=deterministic, rngs=rngs)
 
 
 class BertEncoder(nnx.Module):
+  """The layer stack; with `remat` / `scan_layers` each layer runs as a pure function of its parameters."""
 
   def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
     self.layer = nnx.List([BertLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
 
-  def __call__(self, x, mask, *, deterministic: bool, rngs: nnx.Rngs | None):
-    for layer in self.layer:
-      x = layer(x, mask, deterministic=deterministic, rngs=rngs)
+  def __call__(self, x, mask, segment_ids=None, *, deterministic: bool, rngs: nnx.Rngs | None):
+    if self.remat == "none" and not self.scan_layers:
+      for layer in self.layer:
+        x = layer(x, mask, segment_ids, deterministic=deterministic, rngs=rngs)
+      return x
+    graphdef, states = self._split_layers()
+
+    def body(state, h, key):
+      layer = nnx.merge(graphdef, state)
+      return layer(h, mask, segment_ids, deterministic=deterministic,
+                   rngs=None if key is None else nnx.Rngs(dropout=key))
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+    n = len(self.layer)
+    keys = None if deterministic or rngs is None else jax.random.split(rngs.dropout(), n)
+    if not self.scan_layers:
+      for i, state in enumerate(states):
+        x = body(state, x, None if keys is None else keys[i])
+      return x
+    try:
+      stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    except ValueError as e:
+      raise UserError(f"model.scan_layers=True needs layers of one shape ({e}); set model.scan_layers=False") from None
+    x, _ = jax.lax.scan(lambda h, xs: (body(xs[0], h, xs[1]), None), x, (stacked, keys))
     return x
+
+  def _split_layers(self):
+    graphdef, first = nnx.split(self.layer[0])
+    states = [first]
+    for layer in list(self.layer)[1:]:
+      g, state = nnx.split(layer)
+      if self.scan_layers and g != graphdef:
+        raise UserError("model.scan_layers=True needs identical layers (an adapter or pruning differs between "
+                        "layers); set model.scan_layers=False")
+      states.append(state)
+    return graphdef, states
 
 
 class BertPooler(nnx.Module):
@@ -236,14 +286,16 @@ class BertModel(nnx.Module):
     self.encoder = BertEncoder(cfg, rngs)
     self.pooler = BertPooler(cfg, rngs) if add_pooling_layer else None
 
-  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None):
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, position_ids=None, segment_ids=None,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    """`segment_ids` [B, T] (0 = padding, k > 0 = the k-th packed example) restricts attention to equal ids and
+    replaces `attention_mask`; `position_ids` [B, T] default to 0..T-1 (packing restarts them per segment)."""
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
-    mask = attention_mask.astype(bool)
-    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
-    x = self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
+    mask = None
+    if segment_ids is None:
+      mask = (jnp.ones_like(input_ids) if attention_mask is None else attention_mask).astype(bool)
+    x = self.embeddings(input_ids, token_type_ids, position_ids=position_ids, deterministic=deterministic, rngs=rngs)
+    x = self.encoder(x, mask, segment_ids, deterministic=deterministic, rngs=rngs)
     pooled = self.pooler(x) if self.pooler is not None else None
     return x, pooled

@@ -13,12 +13,13 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from bertjax.errors import UserError
-from bertjax.models.bert import BertConfig
+from bertjax.models import attention
+from bertjax.models.bert import RUNTIME_FIELDS, BertConfig
 
 _ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps",
                 "initializer_range")
-_RUN_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dtype")
+_RUN_FIELDS = RUNTIME_FIELDS  # taken from config.model, never from a checkpoint (the trainer uses it on resume)
 MIN_SEQ_LENGTH = 8  # fine-tuning
 MIN_PRETRAINING_SEQ_LENGTH = 16  # see check_seq_length
 
@@ -71,6 +72,9 @@ def model_config(config: ConfigDict, vocab_size: int, tokenizer: Any = None) -> 
   if config.data.max_seq_length > cfg.max_position_embeddings:
     raise UserError(f"data.max_seq_length={config.data.max_seq_length} exceeds the model's position table "
                     f"(max_position_embeddings={cfg.max_position_embeddings}); lower data.max_seq_length")
+  # a fused kernel that cannot run here fails now, before anything is written
+  attention.choose(cfg.attention, dtype=cfg.compute_dtype, dropout=cfg.attention_probs_dropout_prob,
+                   seq_len=config.data.max_seq_length, head_dim=cfg.hidden_size // cfg.num_attention_heads)
   return cfg
 
 

@@ -280,9 +280,7 @@ class Trainer:
     """Refuse (one line, before writing anything) a checkpoint of another model or batch size, or a silent LR
     jump; adopt the checkpoint's schedule (or the chosen continuation) for the rest of the run."""
     old, new = meta.get("model_config", {}), dataclasses.asdict(self.task.model_config)
-    diff = {k: (old.get(k), new[k]) for k in new if k not in ("dtype", "hidden_dropout_prob",
-                                                              "attention_probs_dropout_prob")
-            and old.get(k) != new[k]}
+    diff = {k: (old.get(k), new[k]) for k in new if k not in common.RUNTIME_FIELDS and old.get(k) != new[k]}
     if diff:
       raise UserError(f"workdir {self.workdir} holds a checkpoint of a different model ({diff}, "
                       "checkpoint vs config); use a new --workdir or the same model settings")

@@ -1,0 +1,34 @@
+"""benchmarks/accelerator.py --smoke: runs on CPU, prints a measured row, and imports nothing a bare accelerator
+machine may lack (clu, datasets, ml_collections, transformers, torch)."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = """
+import runpy, sys
+sys.argv = ["accelerator.py", "--smoke"]
+runpy.run_path("benchmarks/accelerator.py", run_name="__main__")
+print("FORBIDDEN", sorted(m for m in ("clu", "datasets", "ml_collections", "transformers", "torch", "tensorflow")
+                         if m in sys.modules))
+"""
+
+
+def test_accelerator_smoke_runs_on_cpu_with_only_jax_flax_optax_numpy():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env["XLA_FLAGS"] = ""  # one CPU device, like a plain run
+  out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = out.stdout
+  assert "FORBIDDEN []" in text, text
+  assert re.search(r"device: cpu \(cpu\), 1 device\(s\)", text), text
+  m = re.search(r"measured 256\^3 float32 matmul: ([0-9.]+) TFLOP/s", text)
+  assert m and float(m.group(1)) > 0, text
+  row = re.search(r"^\s+16\s+4\s+xla\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.,]+)\s+-\s+([0-9.]+)%$", text, re.M)
+  assert row, text
+  compile_s, ms, seq_s, mfu = (float(g.replace(",", "")) for g in row.groups())
+  assert ms > 0 and abs(seq_s - 4 / (ms / 1e3)) <= 0.02 * seq_s + 0.1  # seq/s = batch / step time
+  assert 0 < mfu < 100  # a real fraction of the measured matmul rate
