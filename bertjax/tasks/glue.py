@@ -165,11 +165,11 @@ class GlueTask:
 
   def train_source(self) -> loader.BatchSource:
     return loader.BatchSource(self._arrays("train"), self.config.training.global_batch_size, self.config.seed,
-                              jax.process_index(), jax.process_count(), name="train")
+                              jax.process_index(), jax.process_count(), name="train", buckets=loader.data_buckets(self.config.data))
 
   def _batches(self, split: str) -> list[loader.Batch]:
     return loader.eval_batches(self._arrays(split), self.config.training.eval_batch_size, None, self.config.seed,
-                               jax.process_index(), jax.process_count())
+                               jax.process_index(), jax.process_count(), loader.data_buckets(self.config.data))
 
   def eval_batches(self) -> list[loader.Batch]:
     """The main dev split's batches, then those of the other dev splits (MNLI mismatched)."""

@@ -119,13 +119,13 @@ class SquadTask:
   def train_source(self) -> loader.BatchSource:
     c = self.config
     return loader.BatchSource(self._model_arrays("train"), c.training.global_batch_size, c.seed, jax.process_index(),
-                              jax.process_count())
+                              jax.process_count(), buckets=loader.data_buckets(c.data))
 
   def eval_batches(self) -> list[loader.Batch]:
     if not hasattr(self, "_eval"):
       c = self.config
       self._eval = loader.eval_batches(self._model_arrays("dev"), c.training.eval_batch_size, None, c.seed,
-                                       jax.process_index(), jax.process_count())
+                                       jax.process_index(), jax.process_count(), loader.data_buckets(c.data))
     return self._eval
 
   # -- model ----------------------------------------------------------------------------------------------
