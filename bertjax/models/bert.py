@@ -118,8 +118,8 @@ class BertEmbeddings(nnx.Module):
     self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
 
-  def __call__(self, input_ids, token_type_ids, *, deterministic: bool, rngs: nnx.Rngs | None):
-    positions = jnp.arange(input_ids.shape[-1])[None, :]
+  def __call__(self, input_ids, token_type_ids, *, deterministic: bool, rngs: nnx.Rngs | None, position_ids=None):
+    positions = jnp.arange(input_ids.shape[-1])[None, :] if position_ids is None else position_ids
     x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
          + self.token_type_embeddings(token_type_ids))
     return self.dropout(self.LayerNorm(x), deterministic=deterministic, rngs=rngs)
@@ -142,7 +142,8 @@ class BertSelfAttention(nnx.Module):
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(d // self.num_heads))
-    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]  # [B, T] keys or [B, T, T] query x key
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = self.dropout(probs, deterministic=deterministic, rngs=rngs).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
@@ -236,14 +237,16 @@ class BertModel(nnx.Module):
     self.encoder = BertEncoder(cfg, rngs)
     self.pooler = BertPooler(cfg, rngs) if add_pooling_layer else None
 
-  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None):
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, position_ids=None, segment_ids=None,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     mask = attention_mask.astype(bool)
-    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+    if segment_ids is not None:  # packed rows: attend only within the same non-zero segment
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs, position_ids=position_ids)
     x = self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
     pooled = self.pooler(x) if self.pooler is not None else None
     return x, pooled
