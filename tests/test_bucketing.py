@@ -99,23 +99,24 @@ def tiny_glue(tmp_path):
   return tmp_path
 
 
-def test_bucketed_finetune_equals_unbucketed(tmp_path, cache_dir):
-  """Same losses per step, eval logits and parameters after 4 AdamW steps, bucketed or not (dropout off)."""
+def test_bucketed_and_packed_finetune_equal_unbucketed(tmp_path, cache_dir):
+  """Same losses per step, eval logits and parameters after 4 AdamW steps, bucketed, packed (several examples
+  per row, each classified from its own [CLS]) or neither (dropout off)."""
   import jax
   from configs import glue
   from bertjax.train import metrics as mlib
   from bertjax.train.trainer import Trainer, warm_up
   data = tiny_glue(tmp_path)
 
-  def run(buckets):
+  def run(buckets, packing=False):
     c = glue.get_config()
     c.init_from_hf, c.model.preset, c.model.num_hidden_layers = "", "tiny", 1
     c.model.hidden_dropout_prob = c.model.attention_probs_dropout_prob = 0.0
     c.data.update(task="sst2", data_dir=str(data), cache_dir=cache_dir, tokenizer=str(data / "vocab.txt"),
-                  max_seq_length=32, bucket_lengths=buckets)
+                  max_seq_length=32, bucket_lengths=buckets, packing=packing)
     c.training.update(global_batch_size=16, eval_batch_size=16)
     c.optimizer.update(learning_rate=1e-3, warmup_fraction=0.0)
-    tr = Trainer(c, str(tmp_path / f"wd{buckets}"))
+    tr = Trainer(c, str(tmp_path / f"wd{buckets}{packing}"))
     tr.setup()
     st = tr.init_state()
     params, opt = st.params, st.opt_state
@@ -123,11 +124,11 @@ def test_bucketed_finetune_equals_unbucketed(tmp_path, cache_dir):
     losses, widths = [], []
     for s in range(4):
       b = tr.source.batch(s)
-      widths.append(b["input_ids"].shape[1])
+      widths.append(b["input_ids"].shape[0 if packing else 1])
       params, opt, m = tr.train_step(params, opt, tr.put_batch(b), np.int32(s), st.rng)
       losses.append(mlib.scalars(m)["loss"])
     logits = np.concatenate([o["logits"] for o in tr.predict(params, tr.task.eval_batches())])
-    eval_widths = [b["input_ids"].shape[1] for b in tr.task.eval_batches()]
+    eval_widths = [b["input_ids"].shape[0 if packing else 1] for b in tr.task.eval_batches()]
     return losses, logits, jax.device_get(params), widths, eval_widths
 
   l0, g0, p0, w0, e0 = run("")
@@ -137,4 +138,10 @@ def test_bucketed_finetune_equals_unbucketed(tmp_path, cache_dir):
   np.testing.assert_allclose(l1, l0, atol=1e-5)
   np.testing.assert_allclose(g1, g0, atol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p0)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  l2, g2, p2, rows, eval_rows = run("", packing=True)
+  assert set(rows) == {8} and set(eval_rows) == {8}  # 16 examples in 8 rows (a multiple of the 8 devices)
+  np.testing.assert_allclose(l2, l0, atol=1e-5)
+  np.testing.assert_allclose(g2, g0, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(p2), jax.tree_util.tree_leaves(p0)):
     np.testing.assert_allclose(a, b, atol=1e-5)

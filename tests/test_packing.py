@@ -5,7 +5,7 @@ pair's [CLS]); <= 1e-5."""
 import numpy as np
 import pytest
 
-from bertjax.data import pretraining as pt
+from bertjax.data import loader, pretraining as pt
 
 
 def reference_first_fit(lengths, capacity, k):
@@ -37,7 +37,7 @@ def synthetic_pairs(lengths, L, seed=0):
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_first_fit_rows(k):
   lengths = np.random.default_rng(k).integers(5, 33, 300)
-  assert pt.first_fit(lengths, 32, k) == reference_first_fit(list(lengths), 32, k)
+  assert loader.first_fit(lengths, 32, k) == reference_first_fit(list(lengths), 32, k)
   pairs = synthetic_pairs(lengths, 32)
   p = pt.pack_pairs(pairs, k)
   used = p["pair_index"][p["pair_index"] >= 0]

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
-from bertjax.data import cache
+from bertjax.data import cache, loader
 from bertjax.errors import UserError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -254,28 +254,6 @@ def _pair_arrays(docs: list[tuple], rows: list[tuple], cls_id: int, sep_id: int,
           "lengths": (ids != 0).sum(1).astype(np.int32), "provenance": meta}
 
 
-def first_fit(lengths: np.ndarray, capacity: int, max_segments: int) -> list[list[int]]:
-  """First-fit packing: each item (in order) goes into the earliest row with room for it and fewer than
-  `max_segments` items, else into a new row. -> rows of item indices, in row-creation order."""
-  rows: list[list[int]] = []
-  open_rows = np.zeros(0, np.int64)  # rows that may still take an item, in creation order
-  room = np.zeros(0, np.int64)
-  for i, n in enumerate(np.asarray(lengths, np.int64)):
-    fits = np.flatnonzero(room >= n)
-    if len(fits):
-      j = fits[0]
-      r = int(open_rows[j])
-      rows[r].append(i)
-      room[j] -= n
-      if len(rows[r]) >= max_segments or room[j] <= 0:
-        open_rows, room = np.delete(open_rows, j), np.delete(room, j)
-    else:
-      rows.append([i])
-      if max_segments > 1 and capacity - n > 0:
-        open_rows, room = np.append(open_rows, len(rows) - 1), np.append(room, capacity - n)
-  return rows
-
-
 def pack_pairs(pairs: dict[str, np.ndarray], max_segments: int) -> dict[str, np.ndarray]:
   """Several [CLS] A [SEP] B [SEP] pairs per row (first-fit in pair order, at most `max_segments`).
 
@@ -288,7 +266,7 @@ def pack_pairs(pairs: dict[str, np.ndarray], max_segments: int) -> dict[str, np.
     raise UserError(f"data.max_segments_per_row={max_segments} must be at least 1")
   ids, L = pairs["input_ids"], pairs["input_ids"].shape[1]
   lengths = np.asarray(pairs["lengths"], np.int64)
-  rows = first_fit(lengths, L, max_segments)
+  rows = loader.first_fit(lengths, L, max_segments)
   R, k = len(rows), max_segments
   out = {"input_ids": np.zeros((R, L), np.int32), "token_type_ids": np.zeros((R, L), np.int32),
          "word_starts": np.zeros((R, L), bool), "segment_ids": np.zeros((R, L), np.int32),

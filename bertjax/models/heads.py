@@ -57,10 +57,12 @@ def gather_positions(x, positions):
 
 
 def pool_at(bert: BertModel, seq, pooled, cls_positions):
-  """The pooler output at [CLS] (position 0: `pooled`), or at each packed segment's [CLS] `cls_positions` [B, k]
-  -> [B, k, D]."""
+  """The pooler output at [CLS] (position 0: `pooled`), or at each packed segment's [CLS]: `cls_positions`
+  [B, k] columns per row -> [B, k, D], or [N] flat indices row * T + column over all rows -> [N, D]."""
   if cls_positions is None:
     return pooled
+  if cls_positions.ndim == 1:
+    return jnp.tanh(bert.pooler.dense(seq.reshape(-1, seq.shape[-1])[cls_positions]))
   return jnp.tanh(bert.pooler.dense(gather_positions(seq, cls_positions)))
 
 
@@ -114,7 +116,7 @@ class BertForSequenceClassification(nnx.Module):
 
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, position_ids=None, segment_ids=None,
                cls_positions=None, deterministic: bool = True, rngs: nnx.Rngs | None = None):
-    """Logits [B, num_labels]; packed rows (`segment_ids`, `position_ids`, `cls_positions` [B, k]): [B, k, ...]."""
+    """Logits [B, num_labels]; packed rows (`segment_ids`, `position_ids`, `cls_positions`): see `pool_at`."""
     seq, pooled = self.bert(input_ids, token_type_ids, attention_mask, position_ids=position_ids,
                             segment_ids=segment_ids, deterministic=deterministic, rngs=rngs)
     pooled = pool_at(self.bert, seq, pooled, cls_positions)

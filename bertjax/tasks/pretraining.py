@@ -152,9 +152,9 @@ class PretrainingTask:
 
   def loss_fn(self, model, batch, rngs, deterministic):
     """MLM over the chosen positions and NSP per pair: [B] labels, or [B, k] for packed rows (one per slot)."""
-    packed = {k: batch[k] for k in ("position_ids", "segment_ids", "cls_positions") if k in batch}
     mlm_logits, nsp_logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                                   batch["masked_positions"], deterministic=deterministic, rngs=rngs, **packed)
+                                   batch["masked_positions"], deterministic=deterministic, rngs=rngs,
+                                   **loader.packed_inputs(batch))
     w = batch["masked_weights"]
     xent = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["masked_labels"])
     correct = jnp.argmax(mlm_logits, -1) == batch["masked_labels"]
