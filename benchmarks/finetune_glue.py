@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--torch_padding", default="dynamic,max_length",
                   help="transformers runs: comma-separated 'dynamic' (DataCollatorWithPadding) / 'max_length'")
   ap.add_argument("--bucket_lengths", default="auto", help="bertjax's data.bucket_lengths ('' = pad to max length)")
+  ap.add_argument("--bertjax_modes", default="bucket,pack",
+                  help="bertjax runs: 'bucket' (data.bucket_lengths) and/or 'pack' (data.packing: several examples "
+                       "per row)")
   ap.add_argument("--verbose", action="store_true", help="show every library's log lines")
   return ap.parse_args(argv)
 
@@ -99,7 +102,7 @@ class _Progress(logging.Handler):
       self.marks.append((record.created, int(msg.split()[2].split("/")[0])))
 
 
-def run_bertjax(a: argparse.Namespace, p: dict) -> dict:
+def run_bertjax(a: argparse.Namespace, p: dict, packing: bool = False) -> dict:
   import jax
   from absl import logging as absl_logging
 
@@ -109,7 +112,8 @@ def run_bertjax(a: argparse.Namespace, p: dict) -> dict:
   c = glue_config.get_config()
   c.init_from_hf, c.seed = a.model, a.seed
   c.data.update(task=a.task, data_dir=a.data_dir, max_train_examples=a.train_examples,
-                max_eval_examples=a.eval_examples, max_seq_length=a.max_seq_length, bucket_lengths=a.bucket_lengths)
+                max_eval_examples=a.eval_examples, max_seq_length=a.max_seq_length, bucket_lengths=a.bucket_lengths,
+                packing=packing)
   t = c.training
   t.global_batch_size, t.eval_batch_size = a.batch, a.eval_batch
   t.num_train_steps = a.steps if a.steps > 0 else -1
@@ -263,13 +267,15 @@ def token_agreement(ours: dict, ids: np.ndarray) -> float:
   return float(np.mean((ours["input_ids"] == ids).all(1)))
 
 
-def bucket_widths(a: argparse.Namespace, p: dict, feats: dict) -> list[int]:
-  """The widths of bertjax's training batches (its loader's order and buckets)."""
+def bucket_widths(a: argparse.Namespace, p: dict, feats: dict, pack: bool = False) -> list[float]:
+  """Padded positions per example of bertjax's training batches (its loader's order and buckets; packed: rows x
+  length / batch, with one device's row multiple)."""
   from bertjax.data import loader
   arrays = {k: feats[k] for k in glue.MODEL_KEYS}
   src = loader.BatchSource(arrays, a.batch, a.seed, buckets=loader.bucket_lengths(a.bucket_lengths,
-                                                                                   a.max_seq_length))
-  return [src.batch(s)["input_ids"].shape[1] for s in range(p["steps"])]
+                                                                                   a.max_seq_length),
+                           pack_rows=max(1, a.batch // 8) if pack else 0)
+  return [float(np.prod(src.batch(s)["input_ids"].shape)) / a.batch for s in range(p["steps"])]
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -292,8 +298,11 @@ def main(argv=None) -> dict:
         f"({p['steps_per_epoch']} per epoch), warmup {p['warmup_steps']}, lr {a.lr}, max length {a.max_seq_length}, "
         f"from {a.model}", flush=True)
   out = {"args": vars(a), "plan": p}
-  if not a.skip_bertjax:
-    out["bertjax"] = run_bertjax(a, p)
+  modes = [] if a.skip_bertjax else [m for m in a.bertjax_modes.split(",") if m]
+  for mode in modes:
+    load0 = os.getloadavg()[0]
+    out["bertjax" if mode == "bucket" else f"bertjax_{mode}"] = r = run_bertjax(a, p, packing=mode == "pack")
+    r["load_avg_1min"] = [load0, os.getloadavg()[0]]
   feats = bertjax_features(a, p["train_examples"])
   if "bertjax" in out:
     widths = bucket_widths(a, p, feats)
@@ -308,7 +317,10 @@ def main(argv=None) -> dict:
     out[f"transformers_{padding}"] = ref
   names = list(metrics.glue_metrics(a.task, np.zeros(2), np.array([0.0, 1.0]) if a.task == "stsb"
                                     else np.zeros(2, int)))
-  sides = [s for s in ("bertjax", *(f"transformers_{x}" for x in runs)) if s in out]
+  sides = [s for s in ("bertjax", "bertjax_pack", *(f"transformers_{x}" for x in runs)) if s in out]
+  if "bertjax_pack" in out:
+    out["bertjax_pack"].update(examples_per_s=out["bertjax_pack"]["steps_per_s"] * a.batch,
+                               mean_width=float(np.mean(bucket_widths(a, p, feats, pack=True))))
   print(f"\n{'':24s}" + "".join(f"{n:>12s}" for n in names) + f"{'steps/s':>9s}{'ex/s':>8s}{'width':>7s}  device")
   for side in sides:
     r = out[side]
@@ -317,11 +329,11 @@ def main(argv=None) -> dict:
           + f"  {r['device']}")
   if "token_ids_identical" in out:
     print(f"training token ids identical (transformers vs bertjax tokenization): {out['token_ids_identical']:.2%}")
-  for side in sides[1:]:
-    if "bertjax" in out:
-      out[f"ratio_vs_{side}"] = out["bertjax"]["steps_per_s"] / out[side]["steps_per_s"]
-      print(f"examples/s ratio bertjax / {side}: {out[f'ratio_vs_{side}']:.2f}x "
-            f"(steps {out['bertjax']['timed_steps']}, eval and first steps excluded)")
+  for mine in [s for s in sides if s.startswith("bertjax")]:
+    for side in [s for s in sides if s.startswith("transformers")]:
+      out[f"ratio_{mine}_vs_{side}"] = out[mine]["steps_per_s"] / out[side]["steps_per_s"]
+      print(f"examples/s ratio {mine} / {side}: {out[f'ratio_{mine}_vs_{side}']:.2f}x "
+            f"(steps {out[mine]['timed_steps']}, eval and first steps excluded)")
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   with open(a.out, "w") as f:
     json.dump(out, f, indent=2, default=float)

@@ -145,3 +145,24 @@ def test_bucketed_and_packed_finetune_equal_unbucketed(tmp_path, cache_dir):
   np.testing.assert_allclose(g2, g0, atol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(p2), jax.tree_util.tree_leaves(p0)):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_packed_batches_hold_every_example_once(processes):
+  """Fine-tuning packing: each example's tokens sit contiguously at its flat [CLS] index in the global rows, with
+  its own segment id and positions 0..n-1; every process uses the same row count."""
+  ex, lengths = padded_rows(n=64, full=40)
+  for step in range(4):
+    parts = [loader.BatchSource(ex, 16, 3, p, processes, pack_rows=2).batch(step) for p in range(processes)]
+    assert len({b["input_ids"].shape for b in parts}) == 1 and parts[0]["input_ids"].shape[0] % 2 == 0
+    rows = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    flat = {k: rows[k].reshape(-1) for k in ("input_ids", "segment_ids", "position_ids")}
+    plain = loader.BatchSource(ex, 16, seed=3).batch(step)
+    np.testing.assert_array_equal(rows["labels"], plain["labels"])
+    assert rows["input_ids"].shape[0] < 16 and (rows["attention_mask"].sum() == plain["attention_mask"].sum())
+    for i, c in enumerate(rows["cls_positions"]):
+      n = int(plain["attention_mask"][i].sum())
+      np.testing.assert_array_equal(flat["input_ids"][c:c + n], plain["input_ids"][i, :n])
+      np.testing.assert_array_equal(flat["position_ids"][c:c + n], np.arange(n))
+      assert len(set(flat["segment_ids"][c:c + n])) == 1 and flat["segment_ids"][c] > 0
+      assert c // 40 == (c + n - 1) // 40  # within one row
