@@ -78,6 +78,7 @@ def test_predict_outputs_padded_back_to_one_width():
            "example_weights": np.array([1.0, 0.0])}]
   rows = valid_rows(outs)
   assert rows["start_logits"].shape == (3, 5) and rows["loss"].shape == (3,)
+  assert valid_rows(outs[:1], 6)["predictions"].shape == (2, 6)  # one bucket for all: still the full width
   np.testing.assert_array_equal(rows["start_logits"][:2, 3:], -1e9)
   np.testing.assert_array_equal(rows["predictions"][:2, 3:], 0)
   np.testing.assert_array_equal(rows["predictions"][2], 7)

@@ -166,7 +166,8 @@ class GlueTask:
 
   def train_source(self) -> loader.BatchSource:
     return loader.BatchSource(self._arrays("train"), self.config.training.global_batch_size, self.config.seed,
-                              jax.process_index(), jax.process_count(), name="train", buckets=loader.data_buckets(self.config.data),
+                              jax.process_index(), jax.process_count(), name="train",
+                              buckets=loader.data_buckets(self.config.data),
                               pack_rows=self._pack_rows(self.config.training.global_batch_size))
 
   def _batches(self, split: str) -> list[loader.Batch]:

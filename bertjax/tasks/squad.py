@@ -162,7 +162,7 @@ class SquadTask:
 
   def compute_metrics(self, outputs: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
     """The official exact / f1 (v2.0: HasAns_* / NoAns_* and best_* thresholds too) and the span loss."""
-    rows = valid_rows(outputs)
+    rows = valid_rows(outputs, self.config.data.max_seq_length)
     preds, null_odds = self._answers(rows)
     m = metrics.squad_metrics(self.examples["dev"], preds, self.version_2,
                               null_odds if self.version_2 else None,
@@ -181,7 +181,7 @@ class SquadTask:
 
   def finalize(self, predict: Callable, workdir: str) -> Mapping[str, float]:
     """`<workdir>/predictions/predictions.json` ({id: answer}) and, for v2.0, `null_odds.json`."""
-    preds, null_odds = self._answers(valid_rows(predict(self.eval_batches())))
+    preds, null_odds = self._answers(valid_rows(predict(self.eval_batches()), self.config.data.max_seq_length))
     if jax.process_index() == 0:
       with paths.staged(paths.join(workdir, "predictions")) as folder:
         squad.write_predictions(os.path.join(folder, "predictions.json"), preds)
