@@ -443,8 +443,9 @@ def warm_up(trainer: Trainer, params, opt_state, rng, start: int, stop: int) -> 
   step = trainer.predict_step if hasattr(trainer.task, "predict_step") else trainer.eval_step
   for b in shapes.values():
     step.lower(params, trainer.put_batch(b, train=False)).compile()
-  logging.info("compiled the train step for bucket widths %s and the eval step for %d batch shapes in %.1f s",
-               widths, len(shapes), time.time() - t0)
+  logging.info("compiled the train step for %s %s and the eval step for %d batch shapes in %.1f s",
+               "packed row counts" if getattr(trainer.source, "packer", None) else "bucket widths", widths,
+               len(shapes), time.time() - t0)
 
 
 def freeze_patterns(t: ConfigDict) -> list[str]:
