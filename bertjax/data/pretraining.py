@@ -16,6 +16,9 @@
    at most `max_predictions`, whole words optionally; of those 80% -> [MASK], 10% -> random, 10% kept.
    The MLM head later runs only at the returned `masked_positions`; `masked_kinds` says what happened at each
    (KIND_MASK / KIND_RANDOM / KIND_KEPT, 0 for an unused slot) so metrics can be reported per kind.
+4. `pack_pairs` (`data.packing`): several pairs per row, first-fit, with segment ids (attention stays within a
+   pair), position ids restarting per pair and each pair's [CLS] column for its NSP prediction; the Masker
+   passes these through and weights NSP per pair slot.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
-from bertjax.data import cache
+from bertjax.data import cache, loader
 from bertjax.errors import UserError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -251,6 +254,46 @@ def _pair_arrays(docs: list[tuple], rows: list[tuple], cls_id: int, sep_id: int,
           "lengths": (ids != 0).sum(1).astype(np.int32), "provenance": meta}
 
 
+def pack_pairs(pairs: dict[str, np.ndarray], max_segments: int) -> dict[str, np.ndarray]:
+  """Several [CLS] A [SEP] B [SEP] pairs per row (first-fit in pair order, at most `max_segments`).
+
+  Returns input_ids / token_type_ids / word_starts [R, L] as the pairs have them, `segment_ids` [R, L] (k for the
+  row's k-th pair, 0 for padding), `position_ids` [R, L] restarting at 0 for each pair, `cls_positions` [R, k]
+  (the column of each pair's [CLS]; 0 for an unused slot), `nsp_labels` [R, k], `nsp_slots` [R, k] (1.0 for a
+  used slot), `pair_index` [R, k] (the pair's row in `pairs`, -1 unused) and `lengths` [R] (real tokens).
+  """
+  if max_segments < 1:
+    raise UserError(f"data.max_segments_per_row={max_segments} must be at least 1")
+  ids, L = pairs["input_ids"], pairs["input_ids"].shape[1]
+  lengths = np.asarray(pairs["lengths"], np.int64)
+  rows = loader.first_fit(lengths, L, max_segments)
+  R, k = len(rows), max_segments
+  out = {"input_ids": np.zeros((R, L), np.int32), "token_type_ids": np.zeros((R, L), np.int32),
+         "word_starts": np.zeros((R, L), bool), "segment_ids": np.zeros((R, L), np.int32),
+         "position_ids": np.zeros((R, L), np.int32), "cls_positions": np.zeros((R, k), np.int32),
+         "nsp_labels": np.zeros((R, k), np.int32), "nsp_slots": np.zeros((R, k), np.float32),
+         "pair_index": np.full((R, k), -1, np.int64), "lengths": np.zeros(R, np.int32)}
+  src = {c: np.asarray(pairs[c]) for c in ("input_ids", "token_type_ids", "word_starts", "nsp_labels")}
+  for r, members in enumerate(rows):
+    col = 0
+    for s, i in enumerate(members):
+      n = int(lengths[i])
+      for c in ("input_ids", "token_type_ids", "word_starts"):
+        out[c][r, col:col + n] = src[c][i, :n]
+      out["segment_ids"][r, col:col + n] = s + 1
+      out["position_ids"][r, col:col + n] = np.arange(n)
+      out["cls_positions"][r, s], out["nsp_labels"][r, s] = col, src["nsp_labels"][i]
+      out["nsp_slots"][r, s], out["pair_index"][r, s] = 1.0, i
+      col += n
+    out["lengths"][r] = col
+  return out
+
+
+def padding_share(lengths: np.ndarray, width: int) -> float:
+  """The share of positions in rows of `width` that are padding."""
+  return 1.0 - float(np.sum(lengths)) / (len(lengths) * width) if len(lengths) else 0.0
+
+
 KIND_MASK, KIND_RANDOM, KIND_KEPT = 1, 2, 3  # `masked_kinds`: what the input holds at a chosen position
 KINDS = {"mask": KIND_MASK, "random": KIND_RANDOM, "kept": KIND_KEPT}
 
@@ -312,9 +355,13 @@ class Masker:
     kind = np.where(to_mask, KIND_MASK, np.where(to_random, KIND_RANDOM, KIND_KEPT))
     kinds = np.where(weights, np.take_along_axis(kind, positions, axis=1), 0).astype(np.int32)
     example_w = batch.get("example_weights", np.ones((B,), np.float32))  # 0 for eval padding rows
-    return {"input_ids": new_ids, "token_type_ids": batch["token_type_ids"].astype(np.int32),
-            "attention_mask": (ids != self.pad_id).astype(np.int32),
-            "masked_positions": np.where(weights, positions, 0).astype(np.int32), "masked_labels": labels,
-            "masked_weights": weights.astype(np.float32) * example_w[:, None], "masked_kinds": kinds,
-            "nsp_labels": batch["nsp_labels"].astype(np.int32), "nsp_weights": example_w.astype(np.float32)}
+    out = {"input_ids": new_ids, "token_type_ids": batch["token_type_ids"].astype(np.int32),
+           "attention_mask": (ids != self.pad_id).astype(np.int32),
+           "masked_positions": np.where(weights, positions, 0).astype(np.int32), "masked_labels": labels,
+           "masked_weights": weights.astype(np.float32) * example_w[:, None], "masked_kinds": kinds,
+           "nsp_labels": batch["nsp_labels"].astype(np.int32), "nsp_weights": example_w.astype(np.float32)}
+    if "segment_ids" in batch:  # packed rows (`pack_pairs`): NSP per pair slot
+      out.update({k: batch[k].astype(np.int32) for k in ("segment_ids", "position_ids", "cls_positions")})
+      out["nsp_weights"] = (batch["nsp_slots"] * example_w[:, None]).astype(np.float32)
+    return out
 

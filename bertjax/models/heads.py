@@ -56,16 +56,31 @@ def gather_positions(x, positions):
   return jnp.take_along_axis(x, positions[..., None].astype(jnp.int32), axis=1)
 
 
+def pool_at(bert: BertModel, seq, pooled, cls_positions):
+  """The pooler output at [CLS] (position 0: `pooled`), or at each packed segment's [CLS]: `cls_positions`
+  [B, k] columns per row -> [B, k, D], or [N] flat indices row * T + column over all rows -> [N, D]."""
+  if cls_positions is None:
+    return pooled
+  if cls_positions.ndim == 1:
+    return jnp.tanh(bert.pooler.dense(seq.reshape(-1, seq.shape[-1])[cls_positions]))
+  return jnp.tanh(bert.pooler.dense(gather_positions(seq, cls_positions)))
+
+
 class BertForPreTraining(nnx.Module):
-  """MLM + NSP. With `masked_positions` [B, P] the MLM head runs only at those positions."""
+  """MLM + NSP. With `masked_positions` [B, P] the MLM head runs only at those positions. Packed rows (several
+  pairs per row) pass `segment_ids` / `position_ids` and the column of each pair's [CLS], `cls_positions` [B, k]:
+  the NSP logits are then [B, k, 2]."""
 
   def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
     self.bert = BertModel(cfg, rngs)
     self.cls = BertPreTrainingHeads(cfg, rngs)
 
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, masked_positions=None, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None):
-    seq, pooled = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic, rngs=rngs)
+               position_ids=None, segment_ids=None, cls_positions=None, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None):
+    seq, pooled = self.bert(input_ids, token_type_ids, attention_mask, position_ids=position_ids,
+                            segment_ids=segment_ids, deterministic=deterministic, rngs=rngs)
+    pooled = pool_at(self.bert, seq, pooled, cls_positions)
     if masked_positions is not None:
       seq = gather_positions(seq, masked_positions)
     emb = self.bert.embeddings.word_embeddings.embedding[...]
@@ -99,9 +114,12 @@ class BertForSequenceClassification(nnx.Module):
     self.dropout = nnx.Dropout(rate)
     self.classifier = dense(cfg, cfg.hidden_size, num_labels, ("embed", None), rngs)
 
-  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None):
-    _, pooled = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic, rngs=rngs)
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, position_ids=None, segment_ids=None,
+               cls_positions=None, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    """Logits [B, num_labels]; packed rows (`segment_ids`, `position_ids`, `cls_positions`): see `pool_at`."""
+    seq, pooled = self.bert(input_ids, token_type_ids, attention_mask, position_ids=position_ids,
+                            segment_ids=segment_ids, deterministic=deterministic, rngs=rngs)
+    pooled = pool_at(self.bert, seq, pooled, cls_positions)
     pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs)
     return self.classifier(pooled).astype(jnp.float32)
 

@@ -150,12 +150,12 @@ class ClassificationTask:
   def train_source(self) -> loader.BatchSource:
     c = self.config
     return loader.BatchSource(self._arrays("train"), c.training.global_batch_size, c.seed, jax.process_index(),
-                              jax.process_count(), name="train")
+                              jax.process_count(), name="train", buckets=loader.data_buckets(c.data))
 
   def _batches(self, split: str) -> list[loader.Batch]:
     c = self.config
     return loader.eval_batches(self._arrays(split), c.training.eval_batch_size, None, c.seed, jax.process_index(),
-                               jax.process_count())
+                               jax.process_count(), loader.data_buckets(c.data))
 
   def eval_batches(self) -> list[loader.Batch]:
     if not hasattr(self, "_eval"):

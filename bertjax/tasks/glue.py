@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Callable, Mapping
 
@@ -158,11 +159,22 @@ class GlueTask:
 
   def train_source(self) -> loader.BatchSource:
     return loader.BatchSource(self._arrays("train"), self.config.training.global_batch_size, self.config.seed,
-                              jax.process_index(), jax.process_count(), name="train")
+                              jax.process_index(), jax.process_count(), name="train",
+                              buckets=loader.data_buckets(self.config.data),
+                              pack_rows=self._pack_rows(self.config.training.global_batch_size))
 
   def _batches(self, split: str) -> list[loader.Batch]:
     return loader.eval_batches(self._arrays(split), self.config.training.eval_batch_size, None, self.config.seed,
-                               jax.process_index(), jax.process_count())
+                               jax.process_index(), jax.process_count(), loader.data_buckets(self.config.data),
+                               self._pack_rows(self.config.training.eval_batch_size))
+
+  def _pack_rows(self, global_batch: int) -> int:
+    """`data.packing`: several examples per row (loader.Packer), rows in multiples of this; 0 = off."""
+    if not self.config.data.get("packing", False):
+      return 0
+    if int(self.config.training.get("grad_accum_steps", 1)) > 1:
+      raise UserError("data.packing=True does not combine with training.grad_accum_steps > 1; turn one off")
+    return math.lcm(jax.local_device_count(), max(1, global_batch // jax.process_count() // 8))
 
   def eval_batches(self) -> list[loader.Batch]:
     """The main dev split's batches, then those of the other dev splits (MNLI mismatched)."""
@@ -178,7 +190,7 @@ class GlueTask:
 
   def loss_fn(self, model, batch, rngs, deterministic):
     logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                   deterministic=deterministic, rngs=rngs)
+                   deterministic=deterministic, rngs=rngs, **loader.packed_inputs(batch))
     labels = batch["labels"]
     w = batch.get("example_weights")
     w = jnp.ones(labels.shape, jnp.float32) if w is None else w.astype(jnp.float32)
@@ -193,7 +205,8 @@ class GlueTask:
     return total / jnp.maximum(n, 1.0), {"loss": (total, n), **out}
 
   def predict_step(self, model, batch) -> dict[str, jax.Array]:
-    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=True)
+    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=True,
+                   **loader.packed_inputs(batch))
     return {"logits": logits, "labels": batch["labels"], "example_weights": batch["example_weights"]}
 
   # -- metrics and outputs --------------------------------------------------------------------------------

@@ -49,13 +49,25 @@ def file_key(path: str) -> str:
   return f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}"
 
 
-def valid_rows(outputs: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Concatenate predict outputs and drop the eval padding rows (`example_weights == 0`)."""
+def valid_rows(outputs: list[Mapping[str, np.ndarray]], width: int = 0) -> dict[str, np.ndarray]:
+  """Concatenate predict outputs and drop the eval padding rows (`example_weights == 0`); per-token outputs of
+  length-bucketed batches are padded back to `width` (the padded length) columns."""
   if not outputs:
     return {}
-  cat = {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
+  cat = {k: np.concatenate(_same_width([np.asarray(o[k]) for o in outputs], width)) for k in outputs[0]}
   keep = cat.pop("example_weights") > 0
   return {k: v[keep] for k, v in cat.items()}
+
+
+def _same_width(arrays: list[np.ndarray], width: int = 0) -> list[np.ndarray]:
+  """Per-token outputs of length-bucketed batches padded back to one width, at least `width` (floats with -1e9,
+  like masked logits; others with 0); the padded columns are padding positions, which no postprocessing reads."""
+  width = max([a.shape[1] for a in arrays if a.ndim >= 2] + [width if any(a.ndim >= 2 for a in arrays) else 0])
+  if all(a.ndim < 2 or a.shape[1] == width for a in arrays):
+    return arrays
+  fill = lambda a: -1e9 if np.issubdtype(a.dtype, np.floating) else 0
+  return [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill(a))
+          if a.ndim >= 2 else a for a in arrays]
 
 
 def cache_dir_of(config: ConfigDict) -> str:
@@ -151,12 +163,12 @@ class NerTask:
   def train_source(self) -> loader.BatchSource:
     c = self.config
     return loader.BatchSource(self._model_arrays("train"), c.training.global_batch_size, c.seed, jax.process_index(),
-                              jax.process_count())
+                              jax.process_count(), buckets=loader.data_buckets(c.data))
 
   def _batches(self, split: str) -> list[loader.Batch]:
     c = self.config
     return loader.eval_batches(self._model_arrays(split), c.training.eval_batch_size, None, c.seed,
-                               jax.process_index(), jax.process_count())
+                               jax.process_index(), jax.process_count(), loader.data_buckets(c.data))
 
   def eval_batches(self) -> list[loader.Batch]:
     if not hasattr(self, "_eval"):
@@ -207,7 +219,7 @@ class NerTask:
 
   def compute_metrics(self, outputs: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
     """Entity-level precision / recall / F1 on the dev file (plus token loss and accuracy)."""
-    return self._score("dev", valid_rows(outputs))
+    return self._score("dev", valid_rows(outputs, self.config.data.max_seq_length))
 
   def eval_summary(self, metrics_: Mapping[str, float]) -> Mapping[str, float]:
     return {}
@@ -224,7 +236,8 @@ class NerTask:
     for split in ("dev", "test"):
       if split not in self.sentences:
         continue
-      rows = valid_rows(predict(self.eval_batches() if split == "dev" else self._batches(split)))
+      rows = valid_rows(predict(self.eval_batches() if split == "dev" else self._batches(split)),
+                        self.config.data.max_seq_length)
       if split == "test":
         out.update({f"test_{k}": v for k, v in self._score(split, rows).items()})
       if jax.process_index() == 0:

@@ -93,10 +93,22 @@ class PretrainingTask:
     cache.publish_folder(tmp, folder, lambda: toklib.readable(cached))
     return toklib.load(cached), f"trained on the corpus ({d.vocab_size} requested)"
 
+  def _rows(self, pairs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """The training rows: the pairs, or with `data.packing` several pairs per row (`pt.pack_pairs`)."""
+    d = self.config.data
+    if not d.get("packing", False):
+      return pairs
+    packed = pt.pack_pairs(pairs, int(d.get("max_segments_per_row", 4)))
+    width = pairs["input_ids"].shape[1]
+    logging.info("packing: %d pairs -> %d rows of %d tokens (at most %d pairs each); padding %.1f%% -> %.1f%%",
+                 len(pairs["lengths"]), len(packed["lengths"]), width, packed["cls_positions"].shape[1],
+                 100 * pt.padding_share(pairs["lengths"], width), 100 * pt.padding_share(packed["lengths"], width))
+    return packed
+
   def train_source(self) -> loader.BatchSource:
     c, d = self.config, self.config.data
-    full = loader.BatchSource(self.train_pairs, c.training.global_batch_size, c.seed, jax.process_index(),
-                              jax.process_count(), self.masker, "train")
+    full = loader.BatchSource(self._rows(self.train_pairs), c.training.global_batch_size, c.seed,
+                              jax.process_index(), jax.process_count(), self.masker, "train")
     short_len, fraction = int(d.get("short_seq_length", 0) or 0), float(d.get("short_seq_fraction", 0.0) or 0.0)
     if not short_len or fraction <= 0:
       return full
@@ -108,8 +120,8 @@ class PretrainingTask:
     masker = pt.Masker(dataclasses.replace(m.cfg, max_predictions=-(-m.cfg.max_predictions * short_len //
                                                                      d.max_seq_length)),
                        len(m.special), np.flatnonzero(m.special).tolist(), m.mask_id, m.pad_id)
-    short = loader.BatchSource(crop_pairs(self.train_pairs, short_len), rows, c.seed + 7, jax.process_index(),
-                               jax.process_count(), masker, "train")
+    short = loader.BatchSource(self._rows(crop_pairs(self.train_pairs, short_len)), rows, c.seed + 7,
+                               jax.process_index(), jax.process_count(), masker, "train")
     until = int(round(fraction * c.training.num_train_steps))
     logging.info("sequence length %d (batches of %d) for steps [0, %d), then %d", short_len, rows, until,
                  d.max_seq_length)
@@ -133,8 +145,10 @@ class PretrainingTask:
     return BertForPreTraining(self.model_config, rngs)
 
   def loss_fn(self, model, batch, rngs, deterministic):
+    """MLM over the chosen positions and NSP per pair: [B] labels, or [B, k] for packed rows (one per slot)."""
     mlm_logits, nsp_logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                                   batch["masked_positions"], deterministic=deterministic, rngs=rngs)
+                                   batch["masked_positions"], deterministic=deterministic, rngs=rngs,
+                                   **loader.packed_inputs(batch))
     w = batch["masked_weights"]
     xent = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["masked_labels"])
     correct = jnp.argmax(mlm_logits, -1) == batch["masked_labels"]

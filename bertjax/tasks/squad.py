@@ -118,13 +118,13 @@ class SquadTask:
   def train_source(self) -> loader.BatchSource:
     c = self.config
     return loader.BatchSource(self._model_arrays("train"), c.training.global_batch_size, c.seed, jax.process_index(),
-                              jax.process_count())
+                              jax.process_count(), buckets=loader.data_buckets(c.data))
 
   def eval_batches(self) -> list[loader.Batch]:
     if not hasattr(self, "_eval"):
       c = self.config
       self._eval = loader.eval_batches(self._model_arrays("dev"), c.training.eval_batch_size, None, c.seed,
-                                       jax.process_index(), jax.process_count())
+                                       jax.process_index(), jax.process_count(), loader.data_buckets(c.data))
     return self._eval
 
   # -- model ----------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class SquadTask:
 
   def compute_metrics(self, outputs: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
     """The official exact / f1 (v2.0: HasAns_* / NoAns_* and best_* thresholds too) and the span loss."""
-    rows = valid_rows(outputs)
+    rows = valid_rows(outputs, self.config.data.max_seq_length)
     preds, null_odds = self._answers(rows)
     m = metrics.squad_metrics(self.examples["dev"], preds, self.version_2,
                               null_odds if self.version_2 else None,
@@ -179,7 +179,7 @@ class SquadTask:
 
   def finalize(self, predict: Callable, workdir: str) -> Mapping[str, float]:
     """`<workdir>/predictions/predictions.json` ({id: answer}) and, for v2.0, `null_odds.json`."""
-    preds, null_odds = self._answers(valid_rows(predict(self.eval_batches())))
+    preds, null_odds = self._answers(valid_rows(predict(self.eval_batches()), self.config.data.max_seq_length))
     if jax.process_index() == 0:
       with paths.staged(paths.join(workdir, "predictions")) as folder:
         squad.write_predictions(os.path.join(folder, "predictions.json"), preds)

@@ -364,6 +364,8 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
     eval_metrics = trainer.run_eval(params, state.step, writer)
     stop = trainer.track_best(params, state.step, eval_metrics)
   skips = resilience.SkipMonitor(int(t.get("max_consecutive_skips", 10)))
+  if not stop:
+    warm_up(trainer, params, opt_state, state.rng, state.step, n_steps)
   try:
     for step in range(state.step, n_steps if not stop else state.step):
       batch = next(batches)
@@ -467,6 +469,29 @@ def evaluate_only(trainer: Trainer, config: ConfigDict, workdir: str) -> dict[st
     paths.write_text(paths.join(out, "eval_metrics.json"), json.dumps({"step": step, **final}, indent=2))
   logging.info("eval only: metrics and predictions of step %d in %s", step, out)
   return final
+
+
+def warm_up(trainer: Trainer, params, opt_state, rng, start: int, stop: int) -> None:
+  """Length-bucketed runs: compile the train step for every bucket width steps [start, stop) will use, and the
+  eval (predict) step for every eval batch shape, before the loop rather than when a width first shows up
+  mid-run. Compiling ahead of time fills the same cache the jitted calls use; nothing runs."""
+  plan = getattr(trainer.source, "bucket_plan", None)
+  widths = plan(start, stop) if plan is not None else []
+  if not widths:
+    return
+  t0 = time.time()
+  for w in widths:
+    batch = trainer.put_batch(trainer.source.warmup_batch(w))
+    trainer.train_step.lower(params, opt_state, batch, np.int32(start), rng).compile()
+  shapes = {}
+  for b in trainer.task.eval_batches():
+    shapes.setdefault(tuple(sorted((k, v.shape) for k, v in b.items())), b)
+  step = trainer.predict_step if hasattr(trainer.task, "predict_step") else trainer.eval_step
+  for b in shapes.values():
+    step.lower(params, trainer.put_batch(b, train=False)).compile()
+  logging.info("compiled the train step for %s %s and the eval step for %d batch shapes in %.1f s",
+               "packed row counts" if getattr(trainer.source, "packer", None) else "bucket widths", widths,
+               len(shapes), time.time() - t0)
 
 
 def freeze_patterns(t: ConfigDict) -> list[str]:
