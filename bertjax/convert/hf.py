@@ -141,7 +141,7 @@ def _plan(template: Mapping[Any, Any], source: Mapping[tuple, Any], what: str, t
                       f"(check {_hint(key)}); make the config match the weights")
     plan[path] = source[path]
     report.loaded.append(key)
-  missing = [k for k in report.fresh if k.startswith(_REQUIRED)]
+  missing = [k for k in report.fresh if k.startswith(_REQUIRED) and ".adapter." not in k]  # adapters start fresh
   if missing:
     for_head = f" for head {head!r}" if head else ""
     raise UserError(f"{what} lacks {len(missing)} encoder weights{for_head}, e.g. {missing[0]}: not a complete "

@@ -35,7 +35,7 @@ class Adapter(nnx.Module):
 
 def attach(model: nnx.Module, cfg: BertConfig, size: int, dropout: float, rngs: nnx.Rngs) -> int:
   """Give every BertSelfOutput / BertOutput in `model` a fresh adapter; returns how many were attached."""
-  targets = [m for _, m in model.iter_modules() if isinstance(m, (BertSelfOutput, BertOutput))]
+  targets = [m for _, m in nnx.iter_modules(model) if isinstance(m, (BertSelfOutput, BertOutput))]
   for m in targets:
     m.adapter = Adapter(cfg, size, dropout, rngs)
   return len(targets)

@@ -90,10 +90,9 @@ class Trainer:
     self.abstract_frozen = jax.tree_util.tree_map(shaped, frozen, self.frozen_sh)
     if self.peft.active:
       (n_t, _), (n_f, _) = peft.count(trainable), peft.count(frozen)
-      n_lora = peft.count(peft.select(trainable, lambda p: p[-1] in peft.LORA_LEAVES))[0]
-      logging.info("peft.method=%s: %d trainable parameters of %d (%.2f%%; %d of them LoRA pairs added to the "
-                   "base's %d); the frozen base is not checkpointed", self.peft.method, n_t, n_f + n_t - n_lora,
-                   100.0 * n_t / (n_f + n_t - n_lora), n_lora, n_f + n_t - n_lora)
+      logging.info("peft.method=%s: trainable parameters %d of %d in all (%.2f%%; as peft counts: LoRA pairs and "
+                   "adapters included); the frozen base (%d) is not checkpointed", self.peft.method, n_t, n_t + n_f,
+                   100.0 * n_t / (n_t + n_f), n_f)
     self.schedule_spec = resilience.schedule_spec(cfg.optimizer, self.num_train_steps)
     self.tx, self.schedule = optim.make(cfg.optimizer, self.abstract_params, self.num_train_steps,
                                         freeze_patterns(cfg.training))
