@@ -92,6 +92,15 @@ def base_config() -> ml_collections.ConfigDict:
       ("mlp", "tensor"),
       ("norm", None),
   ]
+
+  p = config.peft = ml_collections.ConfigDict()  # parameter-efficient fine-tuning (bertjax/peft)
+  p.method = "none"  # none | lora | adapter
+  p.rank = 8  # LoRA rank r
+  p.alpha = 16.0  # LoRA scale alpha / r, as in HF peft
+  p.dropout = 0.0  # dropout inside the adapter bottleneck (LoRA supports 0 only: it is merged per step)
+  p.target_modules = ["query", "value"]  # LoRA: regexes searched in '/'-joined Linear module paths
+  p.adapter_size = 64  # adapter bottleneck width (after the attention and the FFN output)
+  p.modules_to_save = []  # regexes over parameter paths that also train fully (the task head always does)
   return config
 
 

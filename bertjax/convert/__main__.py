@@ -27,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
   a.add_argument("--num_labels", type=int, default=None, help="classifier size (default: from the source)")
   a.add_argument("--seed", type=int, default=0, help="seed for heads initialised fresh")
   a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  a.add_argument("--peft", default="", help="an HF peft LoRA folder to put onto --hf (writes a bertjax PEFT checkpoint)")
   b = sub.add_parser("to_hf", help="bertjax checkpoint -> Hugging Face folder (transformers, PyTorch)")
   b.add_argument("--checkpoint", required=True, help="bertjax workdir or checkpoint step folder")
   b.add_argument("--out", required=True, help="HF folder to write")
@@ -34,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
                  help="reload with transformers and compare outputs (default: when torch is installed)")
   b.add_argument("--atol", type=float, default=1e-4, help="parity tolerance, max abs diff (default 1e-4)")
   b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  b.add_argument("--peft", action="store_true",
+                 help="LoRA checkpoint -> HF peft adapter folder for its base (default: LoRA merged into the weights)")
   return p
 
 
@@ -44,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
   try:
     args = parser().parse_args(argv)
     from bertjax.convert import commands
-    if args.command == "from_hf":
+    if args.command == "from_hf" and args.peft:
+      commands.from_hf_peft(args.peft, args.hf, args.out, args.overwrite, log=log)
+    elif args.command == "from_hf":
       commands.from_hf(args.hf, args.out, args.head, args.num_labels, args.overwrite, args.seed, log=log)
     else:
-      commands.to_hf(args.checkpoint, args.out, args.verify, args.atol, args.overwrite, log=log)
+      commands.to_hf(args.checkpoint, args.out, args.verify, args.atol, args.overwrite, log=log, peft=args.peft)
   except UserError as e:
     print(f"bertjax.convert: error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

@@ -124,6 +124,22 @@ def from_hf(src: str, out: str, head: str = "auto", num_labels: int | None = Non
   return step_dir
 
 
+def from_hf_peft(adapter_dir: str, base: str, out: str, overwrite: bool = False, log: Log = print) -> str:
+  """HF peft LoRA folder + its HF base -> bertjax workdir `out` holding a PEFT checkpoint (step 0) that references
+  the base, plus the base's tokenizer. Returns the step dir."""
+  from bertjax.convert import peft_hf
+  from bertjax.train import checkpoint
+  with atomic_dir(out, overwrite) as tmp:
+    folder = hf_io.resolve_source(base)
+    trained, meta = peft_hf.import_folder(adapter_dir, folder, tmp, log)
+    if hf_io.has_tokenizer(folder):
+      hf_io.export_tokenizer(folder, os.path.join(tmp, "tokenizer"), meta["model_config"]["max_position_embeddings"])
+    checkpoint.save_params(tmp, 0, trained, meta)
+  step_dir = os.path.join(os.path.abspath(out), checkpoint.CHECKPOINT_SUBDIR, "0")
+  log(f"wrote {step_dir}")
+  return step_dir
+
+
 def _workdir_tokenizer(step_dir: str) -> str:
   """`<workdir>/tokenizer` for `<workdir>/checkpoints/<step>` and for `<workdir>/best/checkpoints/<step>`."""
   root = os.path.dirname(os.path.dirname(step_dir))
@@ -151,11 +167,42 @@ def hf_config(cfg: BertConfig, head: str, num_labels: int | None, label_names: l
   return out
 
 
+def _export_tokenizer(step_dir: str, out: str, cfg: BertConfig, log: Log) -> None:
+  tok_src = _workdir_tokenizer(step_dir)
+  if os.path.isdir(tok_src) and hf_io.has_tokenizer(tok_src):
+    info = hf_io.export_tokenizer(tok_src, out, cfg.max_position_embeddings)
+    log(f"tokenizer from {tok_src}: {', '.join(info['files'] + info['built'])} "
+        f"(do_lower_case={info['do_lower_case']})")
+    _check_vocab(info, cfg, log)
+  else:
+    log(f"WARNING: no tokenizer in {tok_src}; the folder has no tokenizer files")
+
+
+def _to_hf_peft(step_dir: str, tmp: str, verify: bool | None, atol: float, log: Log) -> dict[str, float]:
+  """A LoRA checkpoint -> HF peft adapter folder (+ tokenizer), checked against peft on transformers."""
+  from bertjax.convert import peft_hf, verify as parity
+  from bertjax.peft import base as pbase
+  from bertjax.train import checkpoint
+  trained, meta = checkpoint.load_params(step_dir, merge=False)
+  peft_hf.check_exportable(meta, step_dir)
+  merged = pbase.merged(trained, meta, step_dir)  # also checks that the base is still the one trained on
+  base = peft_hf.write(tmp, trained, meta, step_dir, log)
+  _export_tokenizer(step_dir, tmp, pbase.model_config(meta), log)
+  if verify is False or (verify is None and not parity.torch_available()):
+    log("parity check skipped" + ("" if verify is False else " (torch/transformers not installed)"))
+    return {}
+  diffs = peft_hf.verify(tmp, base, meta, merged, atol)
+  log("parity vs peft on transformers (max abs diff): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+      + f" <= atol {atol:g}")
+  return diffs
+
+
 def to_hf(checkpoint_path: str, out: str, verify: bool | None = None, atol: float = 1e-4,
-          overwrite: bool = False, log: Log = print) -> dict[str, float]:
+          overwrite: bool = False, log: Log = print, peft: bool = False) -> dict[str, float]:
   """bertjax checkpoint -> HF folder (config.json, model.safetensors, tokenizer). Returns the parity diffs.
 
   verify: None = check parity when torch + transformers import, True = require it, False = skip.
+  peft: a LoRA checkpoint as an HF peft adapter folder instead (without it LoRA is exported merged).
   """
   from bertjax.convert import verify as parity
   from bertjax.train import checkpoint
@@ -164,42 +211,46 @@ def to_hf(checkpoint_path: str, out: str, verify: bool | None = None, atol: floa
   with atomic_dir(out, overwrite) as tmp:
     step_dir = checkpoint.resolve_step_dir(checkpoint_path)
     _refuse_inside(out, step_dir, "checkpoint")
-    params, meta = checkpoint.load_params(step_dir)
-    head = meta.get("head")
-    if head not in HF_ARCHITECTURE:
-      raise UserError(f"checkpoint {step_dir} has head={head!r}; to_hf exports {', '.join(HF_ARCHITECTURE)}")
-    if not isinstance(meta.get("model_config"), dict):
-      raise UserError(f"checkpoint {step_dir} has no model_config in its meta; it was not written by bertjax")
-    from bertjax.models.bert import BertConfig
-    known = {f.name for f in dataclasses.fields(BertConfig)} - set(NOT_HF_FIELDS)
-    cfg = BertConfig(**{k: v for k, v in meta["model_config"].items() if k in known}, dtype="float32")
-    num_labels = None
-    if head in hf.CLASSIFIER_HEADS:
-      num_labels = int(np.shape(params["classifier"]["kernel"])[1])
-      if meta.get("num_labels") not in (None, num_labels):
-        log(f"WARNING: meta num_labels={meta['num_labels']} but the classifier has {num_labels} outputs; using "
-            f"{num_labels}")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_config(cfg, head, num_labels, meta.get("label_names"), meta.get("problem_type")), f, indent=2)
-    from safetensors.numpy import save_file
-    state = to_hf_state(params)
-    save_file({k: v.astype(np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
-              metadata={"format": "pt"})
-    log(f"wrote {len(state)} tensors as {HF_ARCHITECTURE[head]} from {step_dir}")
-    tok_src = _workdir_tokenizer(step_dir)
-    if os.path.isdir(tok_src) and hf_io.has_tokenizer(tok_src):
-      info = hf_io.export_tokenizer(tok_src, tmp, cfg.max_position_embeddings)
-      log(f"tokenizer from {tok_src}: {', '.join(info['files'] + info['built'])} "
-          f"(do_lower_case={info['do_lower_case']})")
-      _check_vocab(info, cfg, log)
-    else:
-      log(f"WARNING: no tokenizer in {tok_src}; the folder has no tokenizer files")
-    diffs: dict[str, float] = {}
-    if verify is False or (verify is None and not parity.torch_available()):
-      log("parity check skipped" + ("" if verify is False else " (torch/transformers not installed)"))
-    else:
-      diffs = parity.verify_folder(tmp, cfg, head, params, num_labels, atol)
-      log("parity vs transformers (max abs diff): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
-          + f" <= atol {atol:g}")
+    diffs = (_to_hf_peft if peft else _to_hf_full)(step_dir, tmp, verify, atol, log)
   log(f"wrote {os.path.abspath(out)}")
+  return diffs
+
+
+def _to_hf_full(step_dir: str, tmp: str, verify: bool | None, atol: float, log: Log) -> dict[str, float]:
+  """The whole model (LoRA merged) as a transformers folder, checked against transformers."""
+  from bertjax.convert import verify as parity
+  from bertjax.train import checkpoint
+  params, meta = checkpoint.load_params(step_dir)
+  if (meta.get("peft") or {}).get("method") == "adapter":
+    raise UserError(f"checkpoint {step_dir} holds Houlsby adapters, which cannot be merged into BERT's weights "
+                    "and have no HF peft type; they load only in bertjax, from the workdir")
+  head = meta.get("head")
+  if head not in HF_ARCHITECTURE:
+    raise UserError(f"checkpoint {step_dir} has head={head!r}; to_hf exports {', '.join(HF_ARCHITECTURE)}")
+  if not isinstance(meta.get("model_config"), dict):
+    raise UserError(f"checkpoint {step_dir} has no model_config in its meta; it was not written by bertjax")
+  from bertjax.models.bert import BertConfig
+  known = {f.name for f in dataclasses.fields(BertConfig)} - set(NOT_HF_FIELDS)
+  cfg = BertConfig(**{k: v for k, v in meta["model_config"].items() if k in known}, dtype="float32")
+  num_labels = None
+  if head in hf.CLASSIFIER_HEADS:
+    num_labels = int(np.shape(params["classifier"]["kernel"])[1])
+    if meta.get("num_labels") not in (None, num_labels):
+      log(f"WARNING: meta num_labels={meta['num_labels']} but the classifier has {num_labels} outputs; using "
+          f"{num_labels}")
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(hf_config(cfg, head, num_labels, meta.get("label_names"), meta.get("problem_type")), f, indent=2)
+  from safetensors.numpy import save_file
+  state = to_hf_state(params)
+  save_file({k: v.astype(np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
+            metadata={"format": "pt"})
+  log(f"wrote {len(state)} tensors as {HF_ARCHITECTURE[head]} from {step_dir}")
+  _export_tokenizer(step_dir, tmp, cfg, log)
+  diffs: dict[str, float] = {}
+  if verify is False or (verify is None and not parity.torch_available()):
+    log("parity check skipped" + ("" if verify is False else " (torch/transformers not installed)"))
+  else:
+    diffs = parity.verify_folder(tmp, cfg, head, params, num_labels, atol)
+    log("parity vs transformers (max abs diff): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+        + f" <= atol {atol:g}")
   return diffs

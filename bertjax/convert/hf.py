@@ -141,7 +141,7 @@ def _plan(template: Mapping[Any, Any], source: Mapping[tuple, Any], what: str, t
                       f"(check {_hint(key)}); make the config match the weights")
     plan[path] = source[path]
     report.loaded.append(key)
-  missing = [k for k in report.fresh if k.startswith(_REQUIRED)]
+  missing = [k for k in report.fresh if k.startswith(_REQUIRED) and ".adapter." not in k]  # adapters start fresh
   if missing:
     for_head = f" for head {head!r}" if head else ""
     raise UserError(f"{what} lacks {len(missing)} encoder weights{for_head}, e.g. {missing[0]}: not a complete "
@@ -274,18 +274,19 @@ def checkpoint_report(report: LoadReport, step_dir: str, meta: Mapping[str, Any]
 # ------------------------------------------------------------------------------------------ model helpers
 
 def build_model(cfg: BertConfig, head: str, num_labels: int | None = None, params: Mapping[Any, Any] | None = None,
-                seed: int = 0):
+                seed: int = 0, adapter_size: int = 0):
   """An NNX model of `head` (`base` = bare BertModel). With `params` (pure dict) it is built abstractly and
-  filled (no random init, which compiles one XLA program per initializer on CPU)."""
+  filled (no random init, which compiles one XLA program per initializer on CPU). `adapter_size` > 0 attaches
+  bottleneck adapters (a peft.method=adapter checkpoint)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from bertjax.models.bert import BertModel
   from bertjax.models.heads import HEADS
+  from bertjax.peft import adapters
 
-  def create():
-    rngs = nnx.Rngs(seed)
+  def make(rngs):
     if head == "base":
       return BertModel(cfg, rngs=rngs)
     if head in CLASSIFIER_HEADS:
@@ -293,6 +294,13 @@ def build_model(cfg: BertConfig, head: str, num_labels: int | None = None, param
     if head in HEADS:
       return HEADS[head](cfg, rngs=rngs)
     raise UserError(f"head={head!r} is unknown; choose one of {sorted(HEADS)}")
+
+  def create():
+    rngs = nnx.Rngs(seed)
+    model = make(rngs)
+    if adapter_size:
+      adapters.attach(model, cfg, adapter_size, 0.0, rngs)
+    return model
 
   if params is None:
     return create()

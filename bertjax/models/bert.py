@@ -169,9 +169,12 @@ class BertSelfOutput(nnx.Module):
     self.dense = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("heads", "embed"), rngs)
     self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+    self.adapter = nnx.data(None)  # a bottleneck adapter set by bertjax.peft (peft.method=adapter)
 
   def __call__(self, h, residual, *, deterministic: bool, rngs: nnx.Rngs | None):
     h = self.dropout(self.dense(h), deterministic=deterministic, rngs=rngs)
+    if self.adapter is not None:
+      h = self.adapter(h, deterministic=deterministic, rngs=rngs)
     return self.LayerNorm(h + residual)
 
 
@@ -202,9 +205,12 @@ class BertOutput(nnx.Module):
     self.dense = dense(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs)
     self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+    self.adapter = nnx.data(None)  # a bottleneck adapter set by bertjax.peft (peft.method=adapter)
 
   def __call__(self, h, residual, *, deterministic: bool, rngs: nnx.Rngs | None):
     h = self.dropout(self.dense(h), deterministic=deterministic, rngs=rngs)
+    if self.adapter is not None:
+      h = self.adapter(h, deterministic=deterministic, rngs=rngs)
     return self.LayerNorm(h + residual)
 
 

@@ -156,8 +156,12 @@ def _int_keys(tree: Any) -> Any:
   return tree
 
 
-def load_params(path: str) -> tuple[dict, dict]:
-  """(params as numpy pure dict, meta) from a workdir or step folder, with no model needed."""
+def load_params(path: str, merge: bool = True) -> tuple[dict, dict]:
+  """(params as numpy pure dict, meta) from a workdir or step folder, with no model needed.
+
+  A PEFT checkpoint (`meta.peft`) stores only its trained leaves: with `merge` they are put onto the base it
+  references (checked by fingerprint) and LoRA is merged, so the result is the model's full params; adapter
+  models keep their `adapter` leaves (build them with `bertjax.peft.base.build_model`)."""
   step_dir = resolve_step_dir(path)
   folder = paths.join(step_dir, "params")
   # Restored straight to numpy: a checkpoint written by other devices (a pod, 2 processes) loads on a laptop too;
@@ -167,7 +171,11 @@ def load_params(path: str) -> tuple[dict, dict]:
     args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     params = ckptr.restore(folder, args=ocp.args.PyTreeRestore(restore_args=args))
   params = jax.tree_util.tree_map(np.asarray, _int_keys(params))
-  return params, read_meta(step_dir)
+  meta = read_meta(step_dir)
+  if merge and meta.get("peft"):
+    from bertjax.peft import base  # the base model is read through convert/: imported only for PEFT checkpoints
+    params = base.merged(params, meta, step_dir)
+  return params, meta
 
 
 def save_params(directory: str, step: int, params: Any, meta: Mapping[str, Any]) -> str:

@@ -22,6 +22,7 @@ from ml_collections import ConfigDict
 from bertjax import paths, tasks
 from bertjax.data.loader import prefetch
 from bertjax.errors import UserError
+from bertjax.peft import adapters as peft_adapters, core as peft
 from bertjax.tasks import common
 from bertjax.train import checkpoint, metrics as mlib, optim, progress, resilience, sharding, writers
 
@@ -53,6 +54,8 @@ class Trainer:
     self.accum = accum
     self.best: dict = {}  # main-metric tracking for the best checkpoint / early stopping (saved in meta)
     self.best_mngr: Any = None
+    self.frozen: Any = {}  # PEFT: the frozen base params (sharded), passed to every step but never saved
+    self.base_ref: dict = {}
     micro = t.global_batch_size // accum
     if micro % dp:
       raise UserError(f"training.global_batch_size={t.global_batch_size} (micro-batch {micro}) is not divisible "
@@ -75,12 +78,21 @@ class Trainer:
     else:  # fine-tuning recipes count epochs
       self.num_train_steps = max(1, int(np.ceil(t.num_epochs * self.source.steps_per_epoch)))
     self.eval_every = int(t.eval_every_steps) if t.eval_every_steps > 0 else self.source.steps_per_epoch
-    abstract = nnx.eval_shape(lambda: self.task.build_model(nnx.Rngs(cfg.seed)))
+    abstract = nnx.eval_shape(lambda: self.build_model(nnx.Rngs(cfg.seed)))
     self.graphdef = nnx.graphdef(abstract)
-    self.param_sh = sharding.param_shardings(abstract, self.mesh, self.rules)
-    self.abstract_params = jax.tree_util.tree_map(
-        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), self.param_sh)
+    self.full_sh = sharding.param_shardings(abstract, self.mesh, self.rules)
+    full = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    self.peft = peft.Split(cfg.get("peft"), full, self.task.head)
+    self.param_sh, self.frozen_sh = self.peft.shardings(self.full_sh, self.mesh)
+    shaped = lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)
+    trainable, frozen = jax.eval_shape(self.peft.split, full)
+    self.abstract_params = jax.tree_util.tree_map(shaped, trainable, self.param_sh)
+    self.abstract_frozen = jax.tree_util.tree_map(shaped, frozen, self.frozen_sh)
+    if self.peft.active:
+      (n_t, _), (n_f, _) = peft.count(trainable), peft.count(frozen)
+      logging.info("peft.method=%s: trainable parameters %d of %d in all (%.2f%%; as peft counts: LoRA pairs and "
+                   "adapters included); the frozen base (%d) is not checkpointed", self.peft.method, n_t, n_t + n_f,
+                   100.0 * n_t / (n_t + n_f), n_f)
     self.schedule_spec = resilience.schedule_spec(cfg.optimizer, self.num_train_steps)
     self.tx, self.schedule = optim.make(cfg.optimizer, self.abstract_params, self.num_train_steps,
                                         freeze_patterns(cfg.training))
@@ -94,16 +106,22 @@ class Trainer:
     self.one_in_flight = serial_collectives(self.mesh)
     self._compile_steps()
 
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The task's model, with bottleneck adapters attached when peft.method=adapter."""
+    model = self.task.build_model(rngs)
+    p = self.config.get("peft")
+    if p is not None and p.get("method") == "adapter":
+      peft_adapters.attach(model, self.task.model_config, int(p.adapter_size), float(p.get("dropout", 0.0)), rngs)
+    return model
+
   def init_state(self) -> TrainState:
     """Fresh parameters (or those of init_checkpoint / init_from_hf), sharded at creation."""
     cfg = self.config
-
-    def init():
-      model = self.task.build_model(nnx.Rngs(cfg.seed))
-      return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    params = jax.jit(init, out_shardings=self.param_sh)()
-    params = self._load_pretrained(params)
+    params = self._base_params()
+    if self.peft.active:  # the fresh LoRA pairs use their own key
+      lora_key = jax.random.key(cfg.seed + 2)
+      params, self.frozen = jax.jit(self.peft.split, out_shardings=(self.param_sh, self.frozen_sh))(params, lora_key)
+      self.base_ref = self._base_ref()
     leaves = jax.tree_util.tree_leaves(params)  # where the parameters live (multi-host: each process its part)
     held = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.replica_id == 0)
     logging.info("parameters: %d bytes; process %d holds %d of them on its %d devices (each copy counted once)",
@@ -111,6 +129,41 @@ class Trainer:
     opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
     rng = jax.random.key_data(jax.random.key(cfg.seed + 1))
     return TrainState(0, params, opt_state, rng)
+
+  def _base_params(self):
+    """The full model params (base + fresh head / adapters), sharded at creation."""
+    def init():
+      model = self.build_model(nnx.Rngs(self.config.seed))
+      return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    return self._load_pretrained(jax.jit(init, out_shardings=self.full_sh)())
+
+  def _base_ref(self) -> dict:
+    """Where the frozen base comes from and its fingerprint (stored in PEFT checkpoints)."""
+    cfg = self.config
+    src = {k: paths.resolve(cfg[k]) if paths.exists(cfg[k]) else cfg[k]
+           for k in ("init_from_hf", "init_checkpoint") if cfg.get(k)}
+    return {**src, "seed": cfg.seed, "fingerprint": peft.fingerprint(self.frozen)}
+
+  def check_base(self, meta: Mapping[str, Any]) -> None:
+    """A PEFT checkpoint resumes only onto the base it was trained on (one line otherwise)."""
+    saved = meta.get("peft") or {}
+    if saved.get("method", "none") != self.peft.method or (
+        self.peft.active and {k: v for k, v in saved.items() if k != "base"} != self.peft.meta()):
+      raise UserError(f"workdir {self.workdir} holds a checkpoint with peft {({k: v for k, v in saved.items() if k != 'base'}) or 'none'} "
+                      f"but the config asks for {self.peft.meta() or 'none'}; use a new --workdir or the same peft settings")
+    if not self.peft.active:
+      return
+    if not self.base_ref:
+      _, self.frozen = jax.jit(self.peft.split, out_shardings=(self.param_sh, self.frozen_sh))(
+          self._base_params(), jax.random.key(0))
+      self.base_ref = self._base_ref()
+    old = saved.get("base", {})
+    if old.get("fingerprint") != self.base_ref["fingerprint"]:
+      where = old.get("init_from_hf") or old.get("init_checkpoint") or "a fresh init"
+      raise UserError(f"the base model differs from the one this PEFT checkpoint was trained on ({where}, "
+                      f"fingerprint {old.get('fingerprint')} vs {self.base_ref['fingerprint']} now); pass the "
+                      "original base with --config.init_from_hf / --config.init_checkpoint")
 
   def _load_pretrained(self, params):
     """Fill the fresh sharded params from init_checkpoint / init_from_hf, straight onto their shardings (each
@@ -130,27 +183,27 @@ class Trainer:
 
   # -- steps ----------------------------------------------------------------------------------------------
   def _compile_steps(self) -> None:
-    graphdef, task, tx, accum = self.graphdef, self.task, self.tx, self.accum
+    graphdef, task, tx, accum, split = self.graphdef, self.task, self.tx, self.accum, self.peft
 
-    def loss_on(params, batch, key):
-      model = nnx.merge(graphdef, params)
+    def loss_on(params, frozen, batch, key):  # only `params` (the trainable tree) is differentiated
+      model = nnx.merge(graphdef, split.combine(params, frozen))
       return task.loss_fn(model, batch, nnx.Rngs(dropout=key), False)
 
     grad_fn = jax.value_and_grad(loss_on, has_aux=True)
 
-    def train_step(params, opt_state, batch, step, rng):
+    def train_step(params, frozen, opt_state, batch, step, rng):
       key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
       if accum == 1:
-        (_, m), grads = grad_fn(params, batch, key)
+        (_, m), grads = grad_fn(params, frozen, batch, key)
       else:
         def micro(carry, xs):
           g_acc, m_acc = carry
           mb, k = xs
-          (_, m), g = grad_fn(params, mb, k)
+          (_, m), g = grad_fn(params, frozen, mb, k)
           return (jax.tree_util.tree_map(jnp.add, g_acc, g),
                   jax.tree_util.tree_map(jnp.add, m_acc, m)), None
         zeros_g = jax.tree_util.tree_map(jnp.zeros_like, params)
-        _, m_shape = jax.eval_shape(loss_on, params, jax.tree_util.tree_map(lambda x: x[0], batch), key)
+        _, m_shape = jax.eval_shape(loss_on, params, frozen, jax.tree_util.tree_map(lambda x: x[0], batch), key)
         zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
         (grads, m), _ = jax.lax.scan(micro, (zeros_g, zeros_m), (batch, jax.random.split(key, accum)))
         grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
@@ -169,21 +222,26 @@ class Trainer:
       m["skipped"] = (1.0 - ok.astype(jnp.float32), 1.0)
       return params, opt_state, mlib.from_outputs(m)
 
-    self.train_step = jax.jit(
-        train_step, donate_argnums=(0, 1),
-        in_shardings=(self.param_sh, self.opt_sh, self.batch_sh, self.repl, self.repl),
+    step_fn = jax.jit(
+        train_step, donate_argnums=(0, 2),
+        in_shardings=(self.param_sh, self.frozen_sh, self.opt_sh, self.batch_sh, self.repl, self.repl),
         out_shardings=(self.param_sh, self.opt_sh, self.repl))
+    # The frozen base rides along as a non-donated argument; callers keep the (params, opt_state, ...) signature.
+    self.train_step = lambda params, opt_state, *rest: step_fn(params, self.frozen, opt_state, *rest)
 
-    def eval_step(params, batch):
-      model = nnx.merge(graphdef, params)
+    def eval_step(params, frozen, batch):
+      model = nnx.merge(graphdef, split.combine(params, frozen))
       _, m = task.loss_fn(model, batch, None, True)
       return mlib.from_outputs(m)
 
-    self.eval_step = jax.jit(eval_step, in_shardings=(self.param_sh, self.eval_batch_sh),
-                             out_shardings=self.repl)
+    eval_fn = jax.jit(eval_step, in_shardings=(self.param_sh, self.frozen_sh, self.eval_batch_sh),
+                      out_shardings=self.repl)
+    self.eval_step = lambda params, batch: eval_fn(params, self.frozen, batch)
     if hasattr(task, "predict_step"):
-      self.predict_step = jax.jit(lambda params, batch: task.predict_step(nnx.merge(graphdef, params), batch),
-                                  in_shardings=(self.param_sh, self.eval_batch_sh))
+      predict_fn = jax.jit(lambda params, frozen, batch: task.predict_step(
+          nnx.merge(graphdef, split.combine(params, frozen)), batch),
+                           in_shardings=(self.param_sh, self.frozen_sh, self.eval_batch_sh))
+      self.predict_step = lambda params, batch: predict_fn(params, self.frozen, batch)
 
   def put_batch(self, batch: Mapping[str, np.ndarray], train: bool = True) -> dict:
     """Host-local numpy batch -> global device arrays sharded over data x fsdp."""
@@ -274,6 +332,7 @@ class Trainer:
                                        "global_batch_size": self.config.training.global_batch_size},
                                  schedule=self.schedule_spec, mesh=dict(self.mesh.shape),
                                  best=self.best, **extra,
+                                 **({"peft": {**self.peft.meta(), "base": self.base_ref}} if self.peft.active else {}),
                                  **self.task.checkpoint_meta())
 
   def check_resume(self, meta: Mapping[str, Any]) -> None:
@@ -284,6 +343,7 @@ class Trainer:
     if diff:
       raise UserError(f"workdir {self.workdir} holds a checkpoint of a different model ({diff}, "
                       "checkpoint vs config); use a new --workdir or the same model settings")
+    self.check_base(meta)
     t = self.config.training
     resilience.check_batch_size(meta, t.global_batch_size, bool(t.get("allow_batch_size_change", False)))
     step = int(meta.get("step", 0))
