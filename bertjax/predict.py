@@ -149,7 +149,8 @@ class Predictor:
     for i in range(0, len(order), bs):
       idx = order[i:i + bs]
       t = bucket_length(int(lengths[idx].max()), feats["input_ids"].shape[1])
-      batch = {k: np.zeros((bs, t), np.int32) for k in glue.MODEL_KEYS}
+      rows = min(bs, 1 << (len(idx) - 1).bit_length())  # a small request (serving) runs a small batch
+      batch = {k: np.zeros((rows, t), np.int32) for k in glue.MODEL_KEYS}
       for k in glue.MODEL_KEYS:
         batch[k][:len(idx)] = feats[k][idx, :t]
       res = self.forward(batch)
@@ -428,14 +429,25 @@ def _progress_bar(total: int):
 
 # -- CLI ----------------------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+  """argparse whose usage errors are UserErrors (one line, exit 2), shared by predict / export / serve."""
 
   def error(self, message: str):
     raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+def run_cli(name: str, fn: Callable[[], Any]) -> int:
+  """Run `fn`; a UserError prints `<name>: error: <one line>` and returns 2."""
+  try:
+    fn()
+  except UserError as e:
+    print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  return 0
+
+
 def parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m bertjax.predict", description=__doc__.split("\n\n")[0])
+  p = Parser(prog="python -m bertjax.predict", description=__doc__.split("\n\n")[0])
   p.add_argument("--checkpoint", required=True, help="workdir (its best checkpoint), <workdir>/best or a step "
                  "folder; or a quantized model folder (python -m bertjax.quantize)")
   p.add_argument("--input", required=True, help=".txt (one text a line), .tsv (header row) or .jsonl")
@@ -452,14 +464,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def load(path: str, **kw: Any) -> Predictor:
-  """A Predictor from a checkpoint."""
+  """A Predictor from a checkpoint, an export (`python -m bertjax.export`) or a quantized checkpoint."""
+  from bertjax import export
+  if export.is_export(path):
+    return export.load_predictor(path, **kw)
   return Predictor.from_checkpoint(path, **kw)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
+
+  def run():
     a = parser().parse_args(argv)
     if a.batch_size < 1:
       raise UserError(f"--batch_size={a.batch_size} must be >= 1")
@@ -467,10 +483,8 @@ def main(argv: Iterable[str] | None = None) -> int:
                      doc_stride=a.doc_stride)
     n = predict_file(predictor, a.input, a.output, a.text_field, a.text_pair_field, a.progress)
     print(f"wrote {n} predictions ({predictor.head}, {predictor.source}) to {a.output}", file=sys.stderr)
-  except UserError as e:
-    print(f"bertjax.predict: error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  return 0
+
+  return run_cli("bertjax.predict", run)
 
 
 if __name__ == "__main__":
