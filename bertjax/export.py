@@ -30,8 +30,10 @@ def is_export(path: str) -> bool:
   return os.path.isfile(os.path.join(path, FORWARD_FILE)) and os.path.isfile(os.path.join(path, SPEC_FILE))
 
 
-def export(predictor: Any, params: dict, meta: dict, out: str, platforms: tuple[str, ...] = PLATFORMS) -> dict:
-  """Serialize `predictor`'s model (a checkpoint's `params` + `meta`) into `out`; returns the spec written."""
+def export(predictor: Any, params: dict | None, meta: dict, out: str, platforms: tuple[str, ...] = PLATFORMS,
+           model: Any = None) -> dict:
+  """Serialize `predictor`'s model (a checkpoint's `params` + `meta`, or a built NNX `model`, e.g. quantized) into
+  `out`; returns the spec written."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -39,7 +41,8 @@ def export(predictor: Any, params: dict, meta: dict, out: str, platforms: tuple[
   from bertjax.convert import hf
   from bertjax.predict import model_config
   cfg = model_config(meta)
-  model = hf.build_model(cfg, predictor.head, int(meta.get("num_labels") or 0) or None, params)
+  if model is None:
+    model = hf.build_model(cfg, predictor.head, int(meta.get("num_labels") or 0) or None, params)
   graphdef, state = nnx.split(model)
   state = jax.tree.map(jnp.asarray, state)
 
@@ -106,11 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if os.path.exists(a.out) and os.listdir(a.out):
       raise UserError(f"--out={a.out} is not empty; pass a new folder")
+    from bertjax import quantize
     from bertjax.predict import Predictor, find_checkpoint
-    from bertjax.train import checkpoint
-    params, meta = checkpoint.load_params(find_checkpoint(a.checkpoint))
-    predictor = Predictor.from_params(params, meta, find_checkpoint(a.checkpoint), forward=lambda _: None)
-    info = export(predictor, params, meta, a.out, tuple(a.platforms.split(",")))
+    if quantize.is_quantized(a.checkpoint):
+      model, meta = quantize.load_model(a.checkpoint)
+      predictor = Predictor.from_params({}, meta, a.checkpoint, forward=lambda _: None, workdir=a.checkpoint)
+    else:
+      from bertjax.train import checkpoint
+      params, meta = checkpoint.load_params(find_checkpoint(a.checkpoint))
+      predictor = Predictor.from_params(params, meta, find_checkpoint(a.checkpoint), forward=lambda _: None)
+      model = None
+    info = export(predictor, params if model is None else None, meta, a.out, tuple(a.platforms.split(",")),
+                  model=model)
     size = sum(os.path.getsize(os.path.join(a.out, f)) for f in os.listdir(a.out))
     print(f"exported {info['head']} from {info['source']} to {a.out} ({size / 2**20:.1f} MiB, platforms "
           f"{','.join(info['platforms'])})", file=sys.stderr)

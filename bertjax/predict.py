@@ -110,13 +110,14 @@ class Predictor:
   @classmethod
   def from_params(cls, params: dict, meta: dict, step_dir: str, *, max_seq_length: int | None = None,
                   tokenizer: str | None = None, batch_size: int = 32, doc_stride: int | None = None,
-                  forward: Callable | None = None) -> "Predictor":
-    """From a params tree + checkpoint meta; `forward` replaces the JAX model (e.g. a quantized one)."""
+                  forward: Callable | None = None, workdir: str | None = None) -> "Predictor":
+    """From a params tree + checkpoint meta; `forward` replaces the JAX model (e.g. a quantized one), `workdir`
+    the folder holding `tokenizer/` and `config.json` (default: the run folder above `step_dir`)."""
     head = meta.get("head")
     if head not in FINETUNE_HEADS:
       raise UserError(f"checkpoint {step_dir} has head {head!r}, not a fine-tuning head ({', '.join(FINETUNE_HEADS)});"
                       " fine-tune it first (configs/glue.py, ner.py, squad.py, classify.py)")
-    workdir = workdir_of(step_dir)
+    workdir = workdir or workdir_of(step_dir)
     data = training_config(workdir)
     tok_src = tokenizer or (paths.join(workdir, "tokenizer") if workdir else None)
     if not tok_src or not paths.exists(tok_src):
@@ -465,9 +466,11 @@ def parser() -> argparse.ArgumentParser:
 
 def load(path: str, **kw: Any) -> Predictor:
   """A Predictor from a checkpoint, an export (`python -m bertjax.export`) or a quantized checkpoint."""
-  from bertjax import export
+  from bertjax import export, quantize
   if export.is_export(path):
     return export.load_predictor(path, **kw)
+  if quantize.is_quantized(path):
+    return quantize.load_predictor(path, **kw)
   return Predictor.from_checkpoint(path, **kw)
 
 
