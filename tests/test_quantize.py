@@ -1,4 +1,4 @@
-"""`bertjax.quantize` (qwix PTQ): int8 kernels are absmax-rounded, predictions stay close, predict and export take it."""
+"""`bertjax.quantize` (qwix PTQ): int8 kernels absmax-rounded, predictions close, predict and export take it."""
 
 import json
 
