@@ -163,6 +163,17 @@ class Predictor:
         progress.update(len(idx))
     return out
 
+  def warmup(self) -> int:
+    """Compile every (rows, length) shape `run` can use (powers of two), so no request waits for a compile."""
+    lengths = sorted({bucket_length(n, self.max_seq_length) for n in range(1, self.max_seq_length + 1)})
+    shapes = [(1 << i, t) for i in range((self.batch_size - 1).bit_length() + 1) if 1 << i <= self.batch_size
+              for t in lengths]
+    shapes += [(self.batch_size, t) for t in lengths if self.batch_size & (self.batch_size - 1)]
+    for rows, t in shapes:
+      ones = np.ones((rows, t), np.int32)
+      self.forward({"input_ids": ones, "token_type_ids": 0 * ones, "attention_mask": ones})
+    return len(shapes)
+
   # -- per head -------------------------------------------------------------------------------------------------
   def __call__(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, progress: Any = None
                ) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ a body over `--max_request_bytes`, unknown routes); the server keeps serving.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -206,10 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--max_request_bytes", type=int, default=1 << 20)
   p.add_argument("--max_texts", type=int, default=256, help="texts per request")
   p.add_argument("--max_chars", type=int, default=20_000, help="characters per text")
+  p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                 help="compile every batch shape before listening")
 
   def run():
     a = p.parse_args(argv)
     predictor = load(a.model, batch_size=a.max_batch_size)
+    if a.warmup:
+      print(f"compiled {predictor.warmup()} batch shapes", file=sys.stderr, flush=True)
     try:
       server = make_server(predictor, a.host, a.port, a.max_batch_size, a.max_wait_ms, a.max_request_bytes,
                            a.max_texts, a.max_chars)
