@@ -337,6 +337,8 @@ def read_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     header = lines[0]
     rows = []
     for n, vals in enumerate(lines[1:], 2):
+      if not vals:  # a blank line
+        continue
       if len(vals) != len(header):
         raise UserError(f"{path}:{n}: {len(vals)} tab-separated fields but the header has {len(header)}")
       rows.append(dict(zip(header, vals)))
