@@ -6,7 +6,8 @@
 Every fine-tuning head: sequence classification (`label` + `probabilities`; `labels` for multi-label),
 regression (`score`), token classification (`entities` with character offsets into the input text) and
 extractive QA (`answer`: text, character offsets into the context, start + end logit; long contexts become
-windows `doc_stride` tokens apart, as in training). The tokenizer, maximum length and QA window settings come
+windows `doc_stride` tokens apart, as in training). NER texts longer than the model are tagged in consecutive
+pieces of `max_seq_length - 2` tokens. The tokenizer, maximum length and QA window settings come
 from the checkpoint's workdir (`tokenizer/`, `config.json`); labels from the checkpoint meta. A workdir given
 as `--checkpoint` means its best checkpoint (`<workdir>/best`, the one the training run's prediction files
 came from) when there is one, else its latest step.
@@ -202,25 +203,31 @@ class Predictor:
     probs /= probs.sum(-1, keepdims=True)
     return [{"label": names[int(row.argmax())], "probabilities": dict(zip(names, map(float, row)))} for row in probs]
 
-  def ner_features(self, texts: Sequence[str]) -> tuple[dict[str, np.ndarray], list[Any]]:
-    """`[CLS] tokens [SEP]` of each raw text (cut to max length) and the encodings (word ids, offsets)."""
+  def ner_features(self, texts: Sequence[str]) -> tuple[dict[str, np.ndarray], list[Any], list[int]]:
+    """`[CLS] tokens [SEP]` rows of each raw text, a text longer than the model cut into consecutive pieces of
+    `max_seq_length - 2` tokens; also the encodings (word ids, offsets) and each row's text index."""
     cls_id, sep_id, pad_id = glue.special_ids(self.tokenizer)
     encs = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    n, length = len(encs), self.max_seq_length
+    piece = self.max_seq_length - 2
+    owner = [i for i, e in enumerate(encs) for _ in range(max(1, -(-len(e.ids) // piece)))]
+    n, length = len(owner), self.max_seq_length
     feats = {"input_ids": np.full((n, length), pad_id, np.int32), "token_type_ids": np.zeros((n, length), np.int32),
              "attention_mask": np.zeros((n, length), np.int32)}
-    for i, e in enumerate(encs):
-      ids = e.ids[:length - 2]
-      feats["input_ids"][i, :len(ids) + 2] = [cls_id, *ids, sep_id]
-      feats["attention_mask"][i, :len(ids) + 2] = 1
-    return feats, encs
+    first: dict[int, int] = {}
+    for r, i in enumerate(owner):
+      k = r - first.setdefault(i, r)  # the k-th piece of text i
+      ids = encs[i].ids[k * piece:(k + 1) * piece]
+      feats["input_ids"][r, :len(ids) + 2] = [cls_id, *ids, sep_id]
+      feats["attention_mask"][r, :len(ids) + 2] = 1
+    return feats, encs, owner
 
   def _entities(self, texts: list[str], progress: Any) -> list[dict[str, Any]]:
-    feats, encs = self.ner_features(texts)
-    out = []
-    for text, enc, logits in zip(texts, encs, self.run(feats, progress)):
-      out.append({"entities": entities(text, enc, logits[1:-1], self.label_names)})
-    return out
+    feats, encs, owner = self.ner_features(texts)
+    pieces: list[list[np.ndarray]] = [[] for _ in texts]
+    for i, logits in zip(owner, self.run(feats, progress)):
+      pieces[i].append(logits[1:-1])
+    return [{"entities": entities(text, enc, np.concatenate(p), self.label_names)}
+            for text, enc, p in zip(texts, encs, pieces)]
 
   def _answers(self, questions: list[str], contexts: list[str], progress: Any) -> list[dict[str, Any]]:
     q = self.qa

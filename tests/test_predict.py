@@ -128,6 +128,14 @@ def test_ner_entities_and_offsets(tmp_path):
       assert text[e["start"]:e["end"]] == e["text"] and 0 < e["score"] <= 1
     n_entities += len(want)
   assert n_entities >= 3
+  long = " ".join(texts[-1].split() * 20)  # 100 words, more than 46 tokens: tagged piece by piece
+  feats, _, owner = p.ner_features([long, texts[0]])
+  n = len(p.tokenizer.encode(long, add_special_tokens=False).ids)
+  k = -(-n // 46)
+  assert k >= 3 and owner == [0] * k + [1]
+  assert feats["attention_mask"][:k].sum(1).tolist() == [48] * (k - 1) + [n - 46 * (k - 1) + 2]
+  ents = p([long])[0]["entities"]
+  assert max(e["start"] for e in ents) > len(long) // 2 and all(long[e["start"]:e["end"]] == e["text"] for e in ents)
 
 
 def test_qa_windows(tmp_path):
