@@ -190,28 +190,46 @@ def postprocess_predictions(examples: Sequence[SquadExample], features: dict[str
     by_example.setdefault(int(ei), []).append(fi)
   predictions, null_odds = {}, {}
   for ei, ex in enumerate(examples):
-    best_score, best_text, null_score = -np.inf, "", np.inf
-    for fi in by_example.get(ei, []):
-      s_log, e_log = start_logits[fi], end_logits[fi]
-      off = features["offsets"][fi]
-      null_score = min(null_score, float(s_log[0] + e_log[0]))
-      ctx = np.flatnonzero(off[:, 0] >= 0)
-      starts = ctx[features["token_is_max_context"][fi][ctx]]
-      starts = starts[np.argsort(-s_log[starts], kind="stable")[:n_best_size]]
-      ends = ctx[np.argsort(-e_log[ctx], kind="stable")[:n_best_size]]
-      if not len(starts) or not len(ends):
-        continue
-      length = ends[None, :] - starts[:, None] + 1
-      score = np.where((length >= 1) & (length <= max_answer_length),
-                       s_log[starts][:, None] + e_log[ends][None, :], -np.inf)
-      i, j = np.unravel_index(np.argmax(score), score.shape)
-      if score[i, j] > best_score:
-        best_score = float(score[i, j])
-        best_text = ex.context[off[starts[i], 0]:off[ends[j], 1]]
-    odds = null_score - best_score if np.isfinite(best_score) else float("inf")
+    span = best_span(ex.context, by_example.get(ei, []), features, start_logits, end_logits, n_best_size,
+                     max_answer_length)
+    odds = span.null_score - span.score if np.isfinite(span.score) else float("inf")
     null_odds[ex.id] = float(odds)
-    predictions[ex.id] = "" if version_2 and odds > null_score_diff_threshold else best_text
+    predictions[ex.id] = "" if version_2 and odds > null_score_diff_threshold else span.text
   return predictions, null_odds
+
+
+@dataclasses.dataclass
+class Span:
+  """The best answer of one example: text, its character offsets in the context, start + end logit."""
+  text: str
+  start: int
+  end: int
+  score: float  # -inf when no valid span
+  null_score: float  # min over windows of start[0] + end[0] (the [CLS] "no answer" score)
+
+
+def best_span(context: str, feature_indices: Sequence[int], features: dict[str, np.ndarray], start_logits: np.ndarray,
+              end_logits: np.ndarray, n_best_size: int = 20, max_answer_length: int = 30) -> Span:
+  """The highest-scoring valid span over one example's windows (see `postprocess_predictions`)."""
+  best = Span("", -1, -1, -np.inf, np.inf)
+  for fi in feature_indices:
+    s_log, e_log = start_logits[fi], end_logits[fi]
+    off = features["offsets"][fi]
+    best.null_score = min(best.null_score, float(s_log[0] + e_log[0]))
+    ctx = np.flatnonzero(off[:, 0] >= 0)
+    starts = ctx[features["token_is_max_context"][fi][ctx]]
+    starts = starts[np.argsort(-s_log[starts], kind="stable")[:n_best_size]]
+    ends = ctx[np.argsort(-e_log[ctx], kind="stable")[:n_best_size]]
+    if not len(starts) or not len(ends):
+      continue
+    length = ends[None, :] - starts[:, None] + 1
+    score = np.where((length >= 1) & (length <= max_answer_length),
+                     s_log[starts][:, None] + e_log[ends][None, :], -np.inf)
+    i, j = np.unravel_index(np.argmax(score), score.shape)
+    if score[i, j] > best.score:
+      a, b = int(off[starts[i], 0]), int(off[ends[j], 1])
+      best = Span(context[a:b], a, b, float(score[i, j]), best.null_score)
+  return best
 
 
 def write_predictions(path: str | Path, predictions: dict[str, Any]) -> Path:
