@@ -69,9 +69,20 @@ def _subpackage(module: str) -> str:
   return parts[1] if len(parts) > 2 or (PKG / parts[-1]).is_dir() else module  # bertjax.train.x -> train
 
 
+# The one recursion over data, imported lazily: `load_params` of a PEFT checkpoint puts its leaves onto the base it
+# references, and that base may itself be a bertjax checkpoint read by `load_params`
+# (train.checkpoint -> peft.base -> convert.hf -> train.checkpoint). And `predict.load`, which hands a saved
+# export or quantized model to the module that reads it (both build on predict's Predictor). Any other cycle fails.
+ALLOWED_LAZY = {("bertjax.train.checkpoint", "bertjax.peft.base"), ("bertjax.predict", "bertjax.export"),
+                ("bertjax.predict", "bertjax.quantize")}
+
+
 def test_no_import_cycles_between_modules_even_inside_functions():
   graph = _graph(top_level_only=False)
   assert len(graph) > 40 and "bertjax.train.checkpoint" in graph["bertjax.convert.place"]  # the parser sees lazy ones
+  for a, b in ALLOWED_LAZY:
+    assert b in graph[a], f"{a} no longer imports {b}: drop it from ALLOWED_LAZY"
+    graph[a] = graph[a] - {b}
   assert _cycle(graph) == [], "import cycle"
 
 
