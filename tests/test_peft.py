@@ -182,6 +182,7 @@ def test_lora_checkpoint_base_and_hf_peft_round_trip(sst2_64, cache_dir, base, t
     shutil.move(str(tmp_path / "moved"), str(base))
 
 
+@pytest.mark.slow
 def test_adapter_checkpoint_is_not_exported_to_hf(sst2_64, cache_dir, base, tmp_path):
   from bertjax.convert import commands
   from bertjax.peft.base import build_model

@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
   a.add_argument("--num_labels", type=int, default=None, help="classifier size (default: from the source)")
   a.add_argument("--seed", type=int, default=0, help="seed for heads initialised fresh")
   a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-  a.add_argument("--peft", default="", help="an HF peft LoRA folder to put onto --hf (writes a bertjax PEFT checkpoint)")
+  a.add_argument("--peft", default="", help="HF peft LoRA folder to put onto --hf (writes a bertjax PEFT checkpoint)")
   b = sub.add_parser("to_hf", help="bertjax checkpoint -> Hugging Face folder (transformers, PyTorch)")
   b.add_argument("--checkpoint", required=True, help="bertjax workdir or checkpoint step folder")
   b.add_argument("--out", required=True, help="HF folder to write")

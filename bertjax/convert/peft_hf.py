@@ -70,8 +70,9 @@ def check_exportable(meta: dict, step_dir: str) -> str:
                     f"{', '.join(TASK_TYPE)} (export the merged model without --peft)")
   base = (p.get("base") or {}).get("init_from_hf")
   if not base:
-    raise UserError(f"checkpoint {step_dir} was trained on a bertjax base ({p.get('base', {}).get('init_checkpoint')}); "
-                    "--peft needs an HF base folder: export the merged model without --peft")
+    where = (p.get("base") or {}).get("init_checkpoint")
+    raise UserError(f"checkpoint {step_dir} was trained on a bertjax base ({where}); --peft needs an HF base folder: "
+                    "export the merged model without --peft")
   return base
 
 

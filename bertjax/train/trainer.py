@@ -148,10 +148,10 @@ class Trainer:
   def check_base(self, meta: Mapping[str, Any]) -> None:
     """A PEFT checkpoint resumes only onto the base it was trained on (one line otherwise)."""
     saved = meta.get("peft") or {}
-    if saved.get("method", "none") != self.peft.method or (
-        self.peft.active and {k: v for k, v in saved.items() if k != "base"} != self.peft.meta()):
-      raise UserError(f"workdir {self.workdir} holds a checkpoint with peft {({k: v for k, v in saved.items() if k != 'base'}) or 'none'} "
-                      f"but the config asks for {self.peft.meta() or 'none'}; use a new --workdir or the same peft settings")
+    settings = {k: v for k, v in saved.items() if k != "base"}
+    if saved.get("method", "none") != self.peft.method or (self.peft.active and settings != self.peft.meta()):
+      raise UserError(f"workdir {self.workdir} holds a checkpoint with peft {settings or 'none'} but the config asks "
+                      f"for {self.peft.meta() or 'none'}; use a new --workdir or the same peft settings")
     if not self.peft.active:
       return
     if not self.base_ref:
