@@ -16,7 +16,6 @@ and starts no new row after `--budget_s`, so that it ends in under 5 minutes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time

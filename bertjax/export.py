@@ -12,7 +12,6 @@ It needs only jax, numpy and tokenizers to run (`load_forward`): no bertjax mode
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from bertjax.convert import hf, hf_io
+from bertjax.convert import hf
 from bertjax.convert.mapping import hf_key, to_hf_state
 from bertjax.errors import UserError
 

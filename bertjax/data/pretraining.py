@@ -264,7 +264,7 @@ def pack_pairs(pairs: dict[str, np.ndarray], max_segments: int) -> dict[str, np.
   """
   if max_segments < 1:
     raise UserError(f"data.max_segments_per_row={max_segments} must be at least 1")
-  ids, L = pairs["input_ids"], pairs["input_ids"].shape[1]
+  L = pairs["input_ids"].shape[1]
   lengths = np.asarray(pairs["lengths"], np.int64)
   rows = loader.first_fit(lengths, L, max_segments)
   R, k = len(rows), max_segments

@@ -18,7 +18,6 @@ from tokenizers import Tokenizer
 
 from bertjax.data import cache, corpus, loader, pretraining as pt, tokenizer as toklib
 from bertjax.errors import UserError
-from bertjax.models.bert import BertConfig
 from bertjax.models.heads import BertForPreTraining
 from bertjax.tasks import common
 
@@ -188,7 +187,7 @@ def mlm_baselines(batches: list[loader.Batch]) -> dict[str, float]:
   `mlm_baseline_copy_kept`: the input token where it was kept, else the most frequent one (all positions).
   `nsp_majority_baseline`: the share of the more frequent NSP label (with `nsp_accuracy`).
   """
-  labels, kinds, nsp, nsp_w = [], [], [], []
+  labels, kinds, nsp = [], [], []
   for b in batches:
     w = b["masked_weights"] > 0
     labels.append(b["masked_labels"][w])
