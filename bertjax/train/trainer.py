@@ -227,7 +227,7 @@ class Trainer:
         in_shardings=(self.param_sh, self.frozen_sh, self.opt_sh, self.batch_sh, self.repl, self.repl),
         out_shardings=(self.param_sh, self.opt_sh, self.repl))
     # The frozen base rides along as a non-donated argument; callers keep the (params, opt_state, ...) signature.
-    self.train_step = lambda params, opt_state, *rest: step_fn(params, self.frozen, opt_state, *rest)
+    self.train_step = self._with_frozen(step_fn, 1)
 
     def eval_step(params, frozen, batch):
       model = nnx.merge(graphdef, split.combine(params, frozen))
@@ -236,12 +236,20 @@ class Trainer:
 
     eval_fn = jax.jit(eval_step, in_shardings=(self.param_sh, self.frozen_sh, self.eval_batch_sh),
                       out_shardings=self.repl)
-    self.eval_step = lambda params, batch: eval_fn(params, self.frozen, batch)
+    self.eval_step = self._with_frozen(eval_fn, 1)
     if hasattr(task, "predict_step"):
       predict_fn = jax.jit(lambda params, frozen, batch: task.predict_step(
           nnx.merge(graphdef, split.combine(params, frozen)), batch),
                            in_shardings=(self.param_sh, self.frozen_sh, self.eval_batch_sh))
-      self.predict_step = lambda params, batch: predict_fn(params, self.frozen, batch)
+      self.predict_step = self._with_frozen(predict_fn, 1)
+
+  def _with_frozen(self, jitted, at: int):
+    """`jitted` with the frozen base inserted as argument `at`; `.lower(...)` too (the warm-up compiles with it)."""
+    def insert(args):
+      return (*args[:at], self.frozen, *args[at:])
+    call = lambda *args: jitted(*insert(args))
+    call.lower = lambda *args: jitted.lower(*insert(args))
+    return call
 
   def put_batch(self, batch: Mapping[str, np.ndarray], train: bool = True) -> dict:
     """Host-local numpy batch -> global device arrays sharded over data x fsdp."""
