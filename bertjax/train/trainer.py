@@ -115,7 +115,15 @@ class Trainer:
     return model
 
   def init_state(self) -> TrainState:
-    """Fresh parameters (or those of init_checkpoint / init_from_hf), sharded at creation."""
+    """Fresh parameters (or those of init_checkpoint / init_from_hf) and optimizer state, sharded at creation."""
+    cfg = self.config
+    params = self.init_params()
+    opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
+    rng = jax.random.key_data(jax.random.key(cfg.seed + 1))
+    return TrainState(0, params, opt_state, rng)
+
+  def init_params(self):
+    """The trainable parameters (all of them without PEFT), sharded at creation; PEFT also sets the frozen base."""
     cfg = self.config
     params = self._base_params()
     if self.peft.active:  # the fresh LoRA pairs use their own key
@@ -126,9 +134,7 @@ class Trainer:
     held = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.replica_id == 0)
     logging.info("parameters: %d bytes; process %d holds %d of them on its %d devices (each copy counted once)",
                  sum(x.nbytes for x in leaves), jax.process_index(), held, jax.local_device_count())
-    opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
-    rng = jax.random.key_data(jax.random.key(cfg.seed + 1))
-    return TrainState(0, params, opt_state, rng)
+    return params
 
   def _base_params(self):
     """The full model params (base + fresh head / adapters), sharded at creation."""
@@ -244,10 +250,14 @@ class Trainer:
       self.predict_step = self._with_frozen(predict_fn, 1)
 
   def _with_frozen(self, jitted, at: int):
-    """`jitted` with the frozen base inserted as argument `at`; `.lower(...)` too (the warm-up compiles with it)."""
+    """`jitted` with the frozen base inserted as argument `at`; `.lower(...)` too (the warm-up compiles with it).
+    On a CPU mesh of several devices each call waits for its result (`serial_collectives`)."""
     def insert(args):
       return (*args[:at], self.frozen, *args[at:])
-    call = lambda *args: jitted(*insert(args))
+
+    def call(*args):
+      out = jitted(*insert(args))
+      return jax.block_until_ready(out) if self.one_in_flight else out
     call.lower = lambda *args: jitted.lower(*insert(args))
     return call
 
@@ -279,8 +289,6 @@ class Trainer:
     for b in self.task.eval_batches():
       m = self.eval_step(params, self.put_batch(b, train=False))
       acc = m if acc is None else acc.merge(m)
-      if self.one_in_flight:
-        jax.block_until_ready(acc)
     if acc is None:
       return {}
     return {k: float(v) for k, v in acc.compute().items()}
@@ -440,8 +448,6 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
       params, opt_state, m = trainer.train_step(params, opt_state, batch, np.int32(step), state.rng)
       skips.push(step + 1, m.skipped.total)  # reads the previous step's flag: no wait on this one
       acc = m if acc is None else acc.merge(m)
-      if trainer.one_in_flight:
-        jax.block_until_ready(acc)
       done = step + 1
       report(done)
       if done % t.log_every_steps == 0 or done == n_steps:
@@ -523,7 +529,7 @@ def evaluate_only(trainer: Trainer, config: ConfigDict, workdir: str) -> dict[st
   elif not (config.get("init_checkpoint") or config.get("init_from_hf")):
     raise UserError(f"training.eval_only=True needs a checkpoint: {ckpts} has none; pass the trained workdir as "
                     "--workdir, or --config.init_checkpoint / --config.init_from_hf")
-  params = trainer.init_state().params
+  params = trainer.init_params()  # no optimizer state: nothing is trained
   out = paths.join(workdir, f"eval_only_{step}")
   paths.makedirs(out)
   writer = writers.create(out, config, just_logging=jax.process_index() > 0)
