@@ -41,7 +41,8 @@ def export(predictor: Any, params: dict | None, meta: dict, out: str, platforms:
   from bertjax.predict import model_config
   cfg = model_config(meta)
   if model is None:
-    model = hf.build_model(cfg, predictor.head, int(meta.get("num_labels") or 0) or None, params)
+    model = hf.build_model(cfg, predictor.head, int(meta.get("num_labels") or 0) or None, params,
+                           adapter_size=hf.adapter_size(meta))
   graphdef, state = nnx.split(model)
   state = jax.tree.map(jnp.asarray, state)
 

@@ -129,7 +129,8 @@ class Predictor:
     if max_len > cfg.max_position_embeddings:
       raise UserError(f"--max_seq_length={max_len} exceeds the model's position table ({cfg.max_position_embeddings})")
     if forward is None:
-      forward = jax_forward(cfg, head, int(meta.get("num_labels") or 0) or None, params)
+      from bertjax.convert import hf
+      forward = jax_forward(cfg, head, int(meta.get("num_labels") or 0) or None, params, hf.adapter_size(meta))
     qa = {"doc_stride": int(doc_stride or data.get("doc_stride") or 128),
           "max_query_length": int(data.get("max_query_length") or 64),
           "n_best_size": int(data.get("n_best_size") or 20),
@@ -258,11 +259,12 @@ class Predictor:
 
 
 def entities(text: str, enc: Any, logits: np.ndarray, label_names: Sequence[str]) -> list[dict[str, Any]]:
-  """IOB2 word tags (each word's first sub-token, as in training) grouped into entities with character offsets.
+  """Word tags (each word's first sub-token, as in training) grouped into entities with character offsets, by the
+  same conlleval chunking the NER F1 uses (`tasks.metrics.get_entities`: IOB1 / IOB2 / IOBES).
 
   `enc` is the text's encoding without special tokens; `logits` [n, C] its (maybe cut) tokens' logits. A word
-  is one of the tokenizer's pre-tokens (whitespace / punctuation split); an `I-X` after anything but `X` starts
-  a new entity (lenient IOB2)."""
+  is one of the tokenizer's pre-tokens (whitespace / punctuation split)."""
+  from bertjax.tasks.metrics import get_entities
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   words: list[tuple[int, int, str, float]] = []  # (start, end, tag, prob) per word
@@ -278,34 +280,25 @@ def entities(text: str, enc: Any, logits: np.ndarray, label_names: Sequence[str]
     else:  # a continuation widens the word
       words[-1] = (words[-1][0], e, words[-1][2], words[-1][3])
     prev = w
-  out: list[dict[str, Any]] = []
-  cur = None
-  for s, e, tag, p in words:
-    kind = tag[2:] if tag[:2] in ("B-", "I-") else None
-    if kind is not None and tag[0] == "I" and cur is not None and cur["entity"] == kind:
-      cur["end"], cur["probs"] = e, cur["probs"] + [p]
-      continue
-    if cur is not None:
-      out.append(cur)
-    cur = {"entity": kind, "start": s, "end": e, "probs": [p]} if kind else None
-  if cur is not None:
-    out.append(cur)
-  return [{"entity": c["entity"], "text": text[c["start"]:c["end"]], "start": c["start"], "end": c["end"],
-           "score": round(float(np.mean(c["probs"])), 5)} for c in out]
+  out = []
+  for kind, i, j in get_entities([w[2] for w in words]):
+    s, e = words[i][0], words[j][1]
+    out.append({"entity": kind, "text": text[s:e], "start": s, "end": e,
+                "score": round(float(np.mean([w[3] for w in words[i:j + 1]])), 5)})
+  return out
 
 
 def model_config(meta: dict):
-  from bertjax.models.bert import BertConfig
-  fields = {f.name for f in dataclasses.fields(BertConfig)}
-  return BertConfig(**{k: v for k, v in dict(meta.get("model_config") or {}).items() if k in fields})
+  from bertjax.convert import hf
+  return hf.config_from_meta(meta)
 
 
-def jax_forward(cfg: Any, head: str, num_labels: int | None, params: dict) -> Callable:
+def jax_forward(cfg: Any, head: str, num_labels: int | None, params: dict, adapter_size: int = 0) -> Callable:
   """A jitted `arrays -> outputs` of the bertjax model with `params` (compiled once per model and batch shape)."""
   from flax import nnx
 
   from bertjax.convert import hf
-  graphdef, state = nnx.split(hf.build_model(cfg, head, num_labels, params))
+  graphdef, state = nnx.split(hf.build_model(cfg, head, num_labels, params, adapter_size=adapter_size))
   return lambda a: _apply(graphdef, state, a["input_ids"], a["token_type_ids"], a["attention_mask"])
 
 

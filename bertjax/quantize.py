@@ -62,7 +62,8 @@ def quantize(step_dir: str, out: str, mode: str) -> dict:
   from bertjax.predict import model_config, workdir_of
   from bertjax.train import checkpoint
   params, meta = checkpoint.load_params(step_dir)
-  model = hf.build_model(model_config(meta), meta.get("head"), int(meta.get("num_labels") or 0) or None, params)
+  model = hf.build_model(model_config(meta), meta.get("head"), int(meta.get("num_labels") or 0) or None, params,
+                         adapter_size=hf.adapter_size(meta))
   qmodel = quantized_model(model, mode)
   leaves, _ = _leaves(nnx.state(qmodel))
   os.makedirs(out, exist_ok=True)
@@ -104,7 +105,8 @@ def load_model(folder: str) -> tuple[Any, dict]:
     meta = json.load(f)
   mode = meta["quantization"]["mode"]
   cfg, head, n = model_config(meta), meta.get("head"), int(meta.get("num_labels") or 0) or None
-  abstract = nnx.eval_shape(lambda: quantized_model(hf.build_model(cfg, head, n), mode))
+  abstract = nnx.eval_shape(lambda: quantized_model(hf.build_model(cfg, head, n, adapter_size=hf.adapter_size(meta)),
+                                                    mode))
   graphdef, state = nnx.split(abstract)
   want, treedef = _leaves(state)
   with np.load(os.path.join(folder, PARAMS_FILE)) as z:

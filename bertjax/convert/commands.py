@@ -20,7 +20,7 @@ if TYPE_CHECKING:
   from bertjax.models.bert import BertConfig
 
 HEAD_CHOICES = ("auto", *HF_ARCHITECTURE)
-NOT_HF_FIELDS = ("dtype", "attention", "remat", "scan_layers")  # how bertjax computes, not the architecture
+NOT_HF_FIELDS = ("dtype", *hf.COMPUTE_FIELDS)  # how bertjax computes, not the architecture
 Log = Callable[[str], None]
 
 
@@ -220,18 +220,16 @@ def _to_hf_full(step_dir: str, tmp: str, verify: bool | None, atol: float, log: 
   """The whole model (LoRA merged) as a transformers folder, checked against transformers."""
   from bertjax.convert import verify as parity
   from bertjax.train import checkpoint
-  params, meta = checkpoint.load_params(step_dir)
-  if (meta.get("peft") or {}).get("method") == "adapter":
+  if (checkpoint.read_meta(step_dir).get("peft") or {}).get("method") == "adapter":  # before reading the base
     raise UserError(f"checkpoint {step_dir} holds Houlsby adapters, which cannot be merged into BERT's weights "
                     "and have no HF peft type; they load only in bertjax, from the workdir")
+  params, meta = checkpoint.load_params(step_dir)
   head = meta.get("head")
   if head not in HF_ARCHITECTURE:
     raise UserError(f"checkpoint {step_dir} has head={head!r}; to_hf exports {', '.join(HF_ARCHITECTURE)}")
   if not isinstance(meta.get("model_config"), dict):
     raise UserError(f"checkpoint {step_dir} has no model_config in its meta; it was not written by bertjax")
-  from bertjax.models.bert import BertConfig
-  known = {f.name for f in dataclasses.fields(BertConfig)} - set(NOT_HF_FIELDS)
-  cfg = BertConfig(**{k: v for k, v in meta["model_config"].items() if k in known}, dtype="float32")
+  cfg = hf.config_from_meta(meta, dtype="float32")
   num_labels = None
   if head in hf.CLASSIFIER_HEADS:
     num_labels = int(np.shape(params["classifier"]["kernel"])[1])

@@ -25,6 +25,24 @@ if TYPE_CHECKING:
   from bertjax.models.bert import BertConfig
 
 CLASSIFIER_HEADS = ("sequence_classification", "token_classification")
+COMPUTE_FIELDS = ("attention", "remat", "scan_layers")  # how a run computed, never taken from its checkpoint
+
+
+def config_from_meta(meta: Mapping[str, Any], dtype: str | None = None) -> "BertConfig":
+  """The architecture in a checkpoint's `meta.model_config` (the one place that reads it); `dtype` replaces the
+  run's compute dtype when given. Kernel, remat and scan choices are the defaults: the training machine's
+  `model.attention=cudnn` must not follow the model onto a CPU."""
+  from bertjax.models.bert import BertConfig
+  skip = set(COMPUTE_FIELDS) | ({"dtype"} if dtype else set())
+  known = {f.name for f in dataclasses.fields(BertConfig)} - skip
+  fields = {k: v for k, v in dict(meta.get("model_config") or {}).items() if k in known}
+  return BertConfig(**fields, **({"dtype": dtype} if dtype else {}))
+
+
+def adapter_size(meta: Mapping[str, Any]) -> int:
+  """The bottleneck size of a peft.method=adapter checkpoint (its model has adapter modules), else 0."""
+  p = meta.get("peft") or {}
+  return int(p.get("adapter_size", 0)) if p.get("method") == "adapter" else 0
 # Task output layers whose shape depends on the task: a shape change re-initialises them instead of failing.
 _TASK_LAYERS = ("classifier", "qa_outputs", "cls.seq_relationship")
 # Parameters that must come from the source: without them it is not a trained BERT encoder.

@@ -8,7 +8,6 @@ base, checks the fingerprint (a moved or changed base is one UserError line), an
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import jax
@@ -29,9 +28,8 @@ def peft_config(p: Mapping[str, Any]) -> ConfigDict:
 
 
 def model_config(meta: Mapping[str, Any]):
-  from bertjax.models.bert import BertConfig
-  known = {f.name for f in dataclasses.fields(BertConfig)} - {"dtype"}
-  return BertConfig(**{k: v for k, v in meta["model_config"].items() if k in known}, dtype="float32")
+  from bertjax.convert import hf
+  return hf.config_from_meta(meta, dtype="float32")
 
 
 def num_labels(params: Mapping[str, Any], head: str) -> int | None:
@@ -44,10 +42,9 @@ def build_model(meta: Mapping[str, Any], params: Mapping[str, Any] | None = None
   """The NNX model of a (PEFT) checkpoint: its head, adapters attached for peft.method=adapter, filled with
   `params` (full, e.g. from `merged`) when given."""
   from bertjax.convert import hf
-  p, head = meta.get("peft") or {}, meta["head"]
+  head = meta["head"]
   n = n_labels if n_labels is not None else (num_labels(params, head) if params is not None else None)
-  size = int(p["adapter_size"]) if p.get("method") == "adapter" else 0
-  return hf.build_model(model_config(meta), head, n, params, adapter_size=size)
+  return hf.build_model(model_config(meta), head, n, params, adapter_size=hf.adapter_size(meta))
 
 
 def base_params(meta: Mapping[str, Any], template: Mapping[str, Any], where: str) -> dict:
