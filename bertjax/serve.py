@@ -21,6 +21,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Sequence
@@ -60,9 +61,10 @@ class Batcher:
       if item is None:
         return
       jobs, n = [item], len(item[0])
+      deadline = time.monotonic() + self.max_wait  # one wait per batch, not per arrival
       while n < self.max_batch_size:
         try:
-          nxt = self.queue.get(timeout=self.max_wait)
+          nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
           break
         if nxt is None:
