@@ -280,7 +280,11 @@ class BertPooler(nnx.Module):
     self.dense = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs)
 
   def __call__(self, x):
-    return jnp.tanh(self.dense(x[:, 0]))
+    return self.pool(x[:, 0])
+
+  def pool(self, h):
+    """tanh(dense(h)) for [CLS] hidden states `h` [..., D] (packed rows pool each segment's [CLS])."""
+    return jnp.tanh(self.dense(h))
 
 
 class BertModel(nnx.Module):

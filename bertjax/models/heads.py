@@ -62,8 +62,8 @@ def pool_at(bert: BertModel, seq, pooled, cls_positions):
   if cls_positions is None:
     return pooled
   if cls_positions.ndim == 1:
-    return jnp.tanh(bert.pooler.dense(seq.reshape(-1, seq.shape[-1])[cls_positions]))
-  return jnp.tanh(bert.pooler.dense(gather_positions(seq, cls_positions)))
+    return bert.pooler.pool(seq.reshape(-1, seq.shape[-1])[cls_positions])
+  return bert.pooler.pool(gather_positions(seq, cls_positions))
 
 
 class BertForPreTraining(nnx.Module):

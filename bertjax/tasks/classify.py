@@ -29,7 +29,7 @@ from bertjax.data import classify as data, glue, loader, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForSequenceClassification
 from bertjax.tasks import common, metrics
-from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, load_tokenizer, valid_rows
+from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, valid_rows
 
 _CLASS_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "micro_precision", "micro_recall",
                   "micro_f1", "weighted_f1")
@@ -101,7 +101,7 @@ class ClassificationTask:
     train = splits["train"]
     self.label_names = ["score"] if self.kind == "regression" else self._resume_labels(
         data.label_names(train, self.fields))
-    self.tok, self.tok_source = load_tokenizer(c, self.workdir)
+    self.tok, self.tok_source = common.load_tokenizer(c, self.workdir)
     self.tok = glue.as_tokenizer(self.tok)
     glue.special_ids(self.tok)  # [CLS]/[SEP]/[PAD] present
     self.model_config = common.model_config(c, vocab_size=self.tok.get_vocab_size(), tokenizer=self.tok)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ml_collections import ConfigDict
 
+from bertjax.data import tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models import attention
 from bertjax.models.bert import RUNTIME_FIELDS, BertConfig
@@ -126,3 +127,17 @@ def cached_arrays(cache_dir: str, kind: str, key: str, build: Callable[[], dict]
   except OSError as e:
     logging.warning("could not cache features in %s (%s)", path, e)
   return out
+
+
+def load_tokenizer(config: ConfigDict, workdir: str) -> tuple[Any, str]:
+  """A fine-tuning run's tokenizer: the workdir's saved one (resume), else `data.tokenizer`, else the init
+  checkpoint's / HF folder's; (tokenizer, where it came from)."""
+  d = config.data
+  tok, src = toklib.for_run(workdir, lambda: d.get("tokenizer") or pretrained_tokenizer_dir(config),
+                            bool(d.get("lowercase", True)))
+  if tok is None:
+    where = config.get("init_checkpoint") or config.get("init_from_hf")
+    raise UserError("no tokenizer: set config.data.tokenizer (vocab.txt, tokenizer.json or HF folder)"
+                    + (f"; {where} has none" if where else " or start from a pretrained model with "
+                       "config.init_from_hf / config.init_checkpoint"))
+  return tok, src

@@ -94,15 +94,7 @@ class GlueTask:
                       f"{self.spec.name} ({self.num_labels}); use a new --workdir")
 
   def _tokenizer(self) -> tuple[Any, str]:
-    d = self.config.data
-    tok, src = toklib.for_run(self.workdir, lambda: d.get("tokenizer") or common.pretrained_tokenizer_dir(self.config),
-                              d.get("lowercase", True))
-    if tok is None:
-      where = self.config.get("init_checkpoint") or self.config.get("init_from_hf")
-      raise UserError("no tokenizer: set config.data.tokenizer (vocab.txt / tokenizer.json / HF folder)"
-                      + (f"; {where} has none" if where else " or start from a pretrained model with "
-                         "config.init_from_hf / config.init_checkpoint"))
-    return tok, src
+    return common.load_tokenizer(self.config, self.workdir)
 
   def _where(self, split: str) -> str:
     d = self.config.data

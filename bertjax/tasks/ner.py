@@ -32,17 +32,6 @@ MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 # -- helpers shared by the fine-tuning tasks ------------------------------------------------------------------
 
 
-def load_tokenizer(config: ConfigDict, workdir: str) -> tuple[Any, str]:
-  """The workdir's saved tokenizer (resume), else `data.tokenizer`, else the init checkpoint's."""
-  d = config.data
-  tok, src = toklib.for_run(workdir, lambda: d.get("tokenizer") or common.pretrained_tokenizer_dir(config),
-                            bool(d.get("lowercase", True)))
-  if tok is None:
-    raise UserError("no tokenizer: set config.data.tokenizer (vocab.txt, tokenizer.json or HF folder), or "
-                    "config.init_from_hf / config.init_checkpoint, which bring their own")
-  return tok, src
-
-
 def file_key(path: str) -> str:
   """Cache-key part naming one file's exact contents cheaply (path, mtime, size)."""
   st = os.stat(path)
@@ -142,7 +131,7 @@ class NerTask:
     self.label_names = self._resume_labels(labels)
     limits = {"train": int(d.get("max_train_examples", 0) or 0), "dev": int(d.get("max_eval_examples", 0) or 0)}
     self.sentences = {s: v[:limits[s]] if limits.get(s) else v for s, v in sents.items()}
-    self.tok, self.tok_source = load_tokenizer(c, self.workdir)
+    self.tok, self.tok_source = common.load_tokenizer(c, self.workdir)
     self.model_config = common.model_config(c, vocab_size=self.tok.get_vocab_size(), tokenizer=self.tok)
     fp = toklib.fingerprint(self.tok)
     to_id = {t: i for i, t in enumerate(self.label_names)}

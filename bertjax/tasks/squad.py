@@ -25,7 +25,7 @@ from bertjax.data import loader, squad, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForQuestionAnswering
 from bertjax.tasks import common, metrics
-from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, file_key, load_tokenizer, valid_rows
+from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, file_key, valid_rows
 
 _POSITIONS = ("start_positions", "end_positions")
 _HOST_KEYS = ("example_index", "offsets", "token_is_max_context")  # post-processing only; never on device
@@ -93,7 +93,7 @@ class SquadTask:
     examples, keys = self._read()
     limits = {"train": int(d.get("max_train_examples", 0) or 0), "dev": int(d.get("max_eval_examples", 0) or 0)}
     self.examples = {s: v[:limits[s]] if limits[s] else v for s, v in examples.items()}
-    self.tok, self.tok_source = load_tokenizer(c, self.workdir)
+    self.tok, self.tok_source = common.load_tokenizer(c, self.workdir)
     self.model_config = common.model_config(c, vocab_size=self.tok.get_vocab_size(), tokenizer=self.tok)
     fp = toklib.fingerprint(self.tok)
     for split, exs in self.examples.items():
