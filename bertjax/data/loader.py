@@ -128,18 +128,20 @@ def first_fit(lengths: np.ndarray, capacity: int, max_segments: int) -> list[lis
   rows: list[list[int]] = []
   open_rows = np.zeros(0, np.int64)  # rows that may still take an item, in creation order
   room = np.zeros(0, np.int64)
-  for i, n in enumerate(np.asarray(lengths, np.int64)):
+  lengths = np.asarray(lengths, np.int64)
+  shortest = int(lengths.min()) if len(lengths) else 1  # a row with less room than this is full for good
+  for i, n in enumerate(lengths):
     fits = np.flatnonzero(room >= n)
     if len(fits):
       j = fits[0]
       r = int(open_rows[j])
       rows[r].append(i)
       room[j] -= n
-      if len(rows[r]) >= max_segments or room[j] <= 0:
+      if len(rows[r]) >= max_segments or room[j] < shortest:
         open_rows, room = np.delete(open_rows, j), np.delete(room, j)
     else:
       rows.append([i])
-      if max_segments > 1 and capacity - n > 0:
+      if max_segments > 1 and capacity - n >= shortest:
         open_rows, room = np.append(open_rows, len(rows) - 1), np.append(room, capacity - n)
   return rows
 
