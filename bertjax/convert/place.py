@@ -51,14 +51,22 @@ def _str_keys(path: tuple) -> tuple:
 def from_checkpoint(params: Mapping[Any, Any], step_dir_or_workdir: str,
                     cfg: hf.BertConfig | None = None) -> tuple[dict, hf.LoadReport]:
   """`params` (sharded jax arrays) with the matching tensors of a bertjax checkpoint restored onto their
-  shardings; only those tensors are read."""
+  shardings; only those tensors are read. A PEFT checkpoint stores only its trained leaves: it is merged onto
+  its base on the host (`load_params`) and each process places its slices of the result."""
   import orbax.checkpoint as ocp
-  from etils import epath
 
   from bertjax.train import checkpoint
   step_dir = checkpoint.resolve_step_dir(step_dir_or_workdir)
-  meta = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir) / "meta", args=ocp.args.JsonRestore()) or {}
+  meta = checkpoint.read_meta(step_dir)
   hf.check_architecture(step_dir, meta, cfg)
+  if meta.get("peft"):
+    merged, _ = checkpoint.load_params(step_dir)
+    source = flatten(merged)
+    template, bare = hf._wrap(params)
+    plan, report, used = hf._plan(template, source, f"checkpoint {step_dir}", False, None)
+    hf.checkpoint_report(report, step_dir, meta, source, used)
+    return _assemble(template, plan, bare, lambda path, cur: jax.make_array_from_callback(
+        cur.shape, cur.sharding, functools.partial(hf._read, plan[path], path, False, cur.dtype))), report
   params_dir = os.path.join(step_dir, "params")
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.metadata(params_dir).item_metadata.tree

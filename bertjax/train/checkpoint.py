@@ -132,11 +132,11 @@ def read_meta(step_dir: str) -> dict:
 
 def latest_meta(workdir: str) -> dict:
   """The `meta` of the workdir's latest step; {} when it has no checkpoint or that meta is unreadable."""
-  root = paths.join(workdir, CHECKPOINT_SUBDIR)
-  steps = sorted(int(d) for d in paths.listdir(root) if d.isdigit()) if paths.isdir(root) else []
-  try:
-    return read_meta(paths.join(root, str(steps[-1]))) if steps else {}
-  except ValueError:
+  if not paths.isdir(paths.join(workdir, CHECKPOINT_SUBDIR)):
+    return {}
+  try:  # the same step `resolve_step_dir` picks (one with params), not merely the highest-numbered folder
+    return read_meta(resolve_step_dir(workdir))
+  except (UserError, ValueError):
     return {}
 
 
