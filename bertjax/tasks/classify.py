@@ -29,6 +29,7 @@ from bertjax.data import classify as data, glue, loader, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForSequenceClassification
 from bertjax.tasks import common, metrics
+from bertjax.tasks.base import Task
 from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, valid_rows
 
 _CLASS_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "micro_precision", "micro_recall",
@@ -38,13 +39,14 @@ _PROBLEM_TYPES = {"regression": "regression", "single": "single_label_classifica
                   "multi": "multi_label_classification"}
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
   name = "classification"
   head = "sequence_classification"
   main_metric = "macro_f1"
+  predicts = True
 
   def __init__(self, config: ConfigDict, workdir: str):
-    self.config, self.workdir = config, workdir
+    super().__init__(config, workdir)
     d = config.data
     problem = d.get("problem_type", "classification") or "classification"
     if problem not in ("classification", "regression"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import uuid
 import zipfile
 from typing import Any, Callable
 
@@ -108,24 +109,30 @@ def pretrained_tokenizer_dir(config: ConfigDict) -> str | None:
 def cached_arrays(cache_dir: str, kind: str, key: str, build: Callable[[], dict]) -> dict[str, np.ndarray]:
   """`build()` once per key, kept as `<cache_dir>/<kind>/<hash>.npz`.
 
-  Written to a temporary file and renamed, so a crash never leaves a half-written cache; an unreadable file
-  (truncated, corrupt) is rebuilt with a warning, and an unwritable cache only warns.
+  Written to a temporary file of this process and renamed, so a crash never leaves a half-written cache; a file
+  that is not a readable `.npz` (truncated, corrupt, overwritten by something else) is rebuilt with a warning,
+  and an unwritable cache only warns.
   """
   path = os.path.join(cache_dir, kind, hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
   if os.path.exists(path):
     try:
-      with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+      z = np.load(path)  # allow_pickle=False: a pickle raises ValueError
+      if not isinstance(z, np.lib.npyio.NpzFile):  # e.g. a bare .npy array
+        raise ValueError(f"not an .npz archive but {type(z).__name__}")
+      with z:
+        return {k: z[k] for k in z.files}  # reads every member: a bad CRC or a short member raises here
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
       logging.warning("rebuilding unreadable cache file %s (%s)", path, e)
   out = build()
+  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"  # unique across processes and hosts
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}.npz"
     np.savez(tmp, **out)
     os.replace(tmp, path)
   except OSError as e:
     logging.warning("could not cache features in %s (%s)", path, e)
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return out
 
 

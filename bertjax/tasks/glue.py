@@ -27,6 +27,7 @@ from bertjax.data import corpus, glue, loader, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForSequenceClassification
 from bertjax.tasks import common, metrics
+from bertjax.tasks.base import Task
 
 MODEL_ARRAYS = (*glue.MODEL_KEYS, "labels")  # what the jitted steps receive
 _CACHE_VERSION = 1
@@ -36,13 +37,14 @@ class _SplitMissing(Exception):
   """An optional split is unavailable (raised inside the cache builder, so nothing is cached)."""
 
 
-class GlueTask:
+class GlueTask(Task):
   name = "glue"
   head = "sequence_classification"
   main_metric = "accuracy"  # replaced by the GLUE task's selection metric in __init__
+  predicts = True
 
   def __init__(self, config: ConfigDict, workdir: str):
-    self.config, self.workdir = config, workdir
+    super().__init__(config, workdir)
     d = config.data
     self.spec = glue.get_task(d.task)
     self.main_metric = self.spec.metric

@@ -26,6 +26,7 @@ from bertjax.data import corpus, loader, ner, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForTokenClassification
 from bertjax.tasks import common, metrics
+from bertjax.tasks.base import Task
 
 MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -66,13 +67,14 @@ def cache_dir_of(config: ConfigDict) -> str:
 # -- the task ----------------------------------------------------------------------------------------------
 
 
-class NerTask:
+class NerTask(Task):
   name = "ner"
   head = "token_classification"
   main_metric = "f1"
+  predicts = True
 
   def __init__(self, config: ConfigDict, workdir: str):
-    self.config, self.workdir = config, workdir
+    super().__init__(config, workdir)
     self.tok, self.tok_source = None, ""
     self.sentences: dict[str, list[ner.NerSentence]] = {}
     self.features: dict[str, dict[str, np.ndarray]] = {}

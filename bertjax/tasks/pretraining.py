@@ -20,15 +20,16 @@ from bertjax.data import cache, corpus, loader, pretraining as pt, tokenizer as 
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForPreTraining
 from bertjax.tasks import common
+from bertjax.tasks.base import Task
 
 
-class PretrainingTask:
+class PretrainingTask(Task):
   name = "pretraining"
   head = "pretraining"
   main_metric = ""  # no best-checkpoint tracking for pretraining
 
   def __init__(self, config: ConfigDict, workdir: str):
-    self.config, self.workdir = config, workdir
+    super().__init__(config, workdir)
     self.cache_dir = config.data.cache_dir or corpus.default_cache_dir()
     self.tok = None
 
@@ -170,13 +171,6 @@ class PretrainingTask:
   # -- outputs --------------------------------------------------------------------------------------------
   def save_assets(self, workdir: str) -> None:
     toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
-
-  def checkpoint_meta(self) -> dict[str, Any]:
-    return {}
-
-  def finalize(self, predict, workdir) -> Mapping[str, float]:
-    return {}
-
 
 
 def mlm_baselines(batches: list[loader.Batch]) -> dict[str, float]:

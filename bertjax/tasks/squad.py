@@ -25,19 +25,21 @@ from bertjax.data import loader, squad, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForQuestionAnswering
 from bertjax.tasks import common, metrics
+from bertjax.tasks.base import Task
 from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, file_key, valid_rows
 
 _POSITIONS = ("start_positions", "end_positions")
 _HOST_KEYS = ("example_index", "offsets", "token_is_max_context")  # post-processing only; never on device
 
 
-class SquadTask:
+class SquadTask(Task):
   name = "squad"
   head = "question_answering"
   main_metric = "f1"
+  predicts = True
 
   def __init__(self, config: ConfigDict, workdir: str):
-    self.config, self.workdir = config, workdir
+    super().__init__(config, workdir)
     self.tok, self.tok_source = None, ""
     self.examples: dict[str, list[squad.SquadExample]] = {}
     self.features: dict[str, dict[str, np.ndarray]] = {}

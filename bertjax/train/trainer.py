@@ -24,6 +24,7 @@ from bertjax.data.loader import prefetch
 from bertjax.errors import UserError
 from bertjax.peft import adapters as peft_adapters, core as peft
 from bertjax.tasks import common
+from bertjax.tasks.base import Task
 from bertjax.train import checkpoint, metrics as mlib, optim, progress, resilience, sharding, writers
 
 
@@ -39,7 +40,7 @@ class TrainState:
 class Trainer:
   """Builds the mesh, model, optimizer and jitted steps for a task."""
 
-  def __init__(self, config: ConfigDict, workdir: str, task: Any | None = None, devices: list | None = None):
+  def __init__(self, config: ConfigDict, workdir: str, task: Task | None = None, devices: list | None = None):
     self.config, self.workdir = config, workdir
     t = config.training
     common.check_config(config)
@@ -243,7 +244,7 @@ class Trainer:
     eval_fn = jax.jit(eval_step, in_shardings=(self.param_sh, self.frozen_sh, self.eval_batch_sh),
                       out_shardings=self.repl)
     self.eval_step = self._with_frozen(eval_fn, 1)
-    if hasattr(task, "predict_step"):
+    if task.predicts:
       predict_fn = jax.jit(lambda params, frozen, batch: task.predict_step(
           nnx.merge(graphdef, split.combine(params, frozen)), batch),
                            in_shardings=(self.param_sh, self.frozen_sh, self.eval_batch_sh))
@@ -282,7 +283,7 @@ class Trainer:
 
   def evaluate(self, params) -> dict[str, float]:
     """Task metrics from predictions when the task predicts (GLUE, NER, SQuAD), else averaged eval losses."""
-    if hasattr(self.task, "predict_step"):
+    if self.task.predicts:
       batches = self.task.eval_batches()
       return {k: float(v) for k, v in self.task.compute_metrics(self.predict(params, batches)).items()}
     acc = None
@@ -308,7 +309,7 @@ class Trainer:
 
   def track_best(self, params, step: int, metrics: Mapping[str, float]) -> bool:
     """Keep the best params by the task's main metric in `<workdir>/best`; True when training should stop."""
-    name, t = getattr(self.task, "main_metric", ""), self.config.training
+    name, t = self.task.main_metric, self.config.training
     if not name or name not in metrics or not t.get("keep_best", True):
       return False
     value, best = float(metrics[name]), dict(self.best)
@@ -491,12 +492,11 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
     eval_metrics = trainer.run_eval(params, state.step, writer)
   mngr.close()
   final = dict(eval_metrics)
-  if trainer.best.get("step") is not None and getattr(task, "main_metric", ""):
+  if trainer.best.get("step") is not None and task.main_metric:
     final.update({f"best_{task.main_metric}": trainer.best["value"], "best_step": trainer.best["step"]})
     if trainer.best["step"] != state.step:
       params = trainer.restore_best()
-  if hasattr(task, "finalize"):
-    final.update(task.finalize(lambda batches: trainer.predict(params, batches), workdir) or {})
+  final.update(task.finalize(lambda batches: trainer.predict(params, batches), workdir))
   writer.flush()
   writer.close()
   if jax.process_index() == 0:
@@ -535,8 +535,7 @@ def evaluate_only(trainer: Trainer, config: ConfigDict, workdir: str) -> dict[st
   writer = writers.create(out, config, just_logging=jax.process_index() > 0)
   try:
     final = trainer.run_eval(params, step, writer)
-    if hasattr(trainer.task, "finalize"):
-      final.update(trainer.task.finalize(lambda batches: trainer.predict(params, batches), out) or {})
+    final.update(trainer.task.finalize(lambda batches: trainer.predict(params, batches), out))
   finally:
     writer.close()
   if jax.process_index() == 0:
@@ -560,7 +559,7 @@ def warm_up(trainer: Trainer, params, opt_state, rng, start: int, stop: int) -> 
   shapes = {}
   for b in trainer.task.eval_batches():
     shapes.setdefault(tuple(sorted((k, v.shape) for k, v in b.items())), b)
-  step = trainer.predict_step if hasattr(trainer.task, "predict_step") else trainer.eval_step
+  step = trainer.predict_step if trainer.task.predicts else trainer.eval_step
   for b in shapes.values():
     step.lower(params, trainer.put_batch(b, train=False)).compile()
   logging.info("compiled the train step for %s %s and the eval step for %d batch shapes in %.1f s",
