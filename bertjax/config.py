@@ -1,4 +1,5 @@
-"""Config fields shared by every task; each `configs/<task>.py` starts from `base_config()`."""
+"""Config fields shared by every task: `configs/mlm.py` starts from `base_config()`, the fine-tuning configs
+(GLUE, NER, SQuAD, classification) from `finetune_config()`."""
 
 import ml_collections
 from ml_collections import config_dict
@@ -116,3 +117,21 @@ def finetune_schedule(config: ml_collections.ConfigDict, learning_rate: float, n
   o = config.optimizer
   o.name, o.learning_rate, o.warmup_fraction, o.weight_decay = "adamw", learning_rate, 0.1, 0.01
   return config
+
+
+def finetune_config(task: str, learning_rate: float, *, init_from_hf: str = "google-bert/bert-base-uncased",
+                    lowercase: bool = True, max_seq_length: int = 128, num_epochs: float = 3.0,
+                    checkpoint_every_steps: int = 1000) -> ml_collections.ConfigDict:
+  """`base_config()` for fine-tuning `task`: starts from a pretrained checkpoint (architecture and tokenizer from it),
+  the data fields every fine-tuning task reads, and the BERT paper's recipe (`finetune_schedule`)."""
+  config = base_config()
+  config.task = task
+  config.init_from_hf = init_from_hf  # HF folder or hub name; or set init_checkpoint instead
+  config.model.preset = ""  # the architecture comes from the checkpoint; set a preset to train from scratch
+  d = config.data
+  d.tokenizer = ""  # empty: the tokenizer that comes with init_from_hf / init_checkpoint
+  d.lowercase = lowercase  # only for a bare vocab.txt without tokenizer_config.json
+  d.max_seq_length = max_seq_length
+  d.max_train_examples = 0  # keep the first N training examples (0 = all)
+  d.max_eval_examples = 0  # keep the first N of each eval split (0 = all)
+  return finetune_schedule(config, learning_rate, num_epochs, checkpoint_every_steps)

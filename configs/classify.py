@@ -11,15 +11,11 @@ macro / micro precision, recall, F1 (plus a per-class table in the log); the bes
 confusion-matrix PNGs and per-class reports (`eval_metrics.json`) beside them.
 """
 
-from bertjax.config import base_config, finetune_schedule
+from bertjax.config import finetune_config
 
 
 def get_config():
-  config = base_config()
-  config.task = "classification"
-  config.init_from_hf = "google-bert/bert-base-uncased"  # HF folder or hub name; or set init_checkpoint instead
-  config.model.preset = ""  # the architecture comes from the checkpoint; set a preset to train from scratch
-
+  config = finetune_config("classification", learning_rate=5e-5)
   d = config.data
   d.train_file = ""  # .csv | .tsv (tab-separated, quotes literal) | .jsonl/.json | .parquet
   d.validation_file = ""  # empty: carve dev_fraction of the training rows
@@ -37,15 +33,9 @@ def get_config():
   d.threshold = 0.5  # multi-label: a label is predicted when its sigmoid probability >= threshold
   d.class_weights = ""  # "balanced": weight class k by n / (K * count_k) (multi-label: BCE pos_weight)
   d.dev_fraction = 0.1
-  d.tokenizer = ""  # empty: the tokenizer that comes with init_from_hf / init_checkpoint
-  d.lowercase = True  # only for a bare vocab.txt without tokenizer_config.json
-  d.max_seq_length = 128
-  d.max_train_examples = 0  # keep the first N training rows (0 = all)
-  d.max_eval_examples = 0  # keep the first N dev / test rows (0 = all)
 
   t = config.training
   t.main_metric = ""  # best checkpoint / early stopping: accuracy | macro_f1 | micro_f1 | macro_precision | ...
   #                     ('' = macro_f1; regression: pearson | spearman | pearson_spearman_mean, '' = pearson)
-  finetune_schedule(config, learning_rate=5e-5)
   t.keep_checkpoints = 2
   return config

@@ -10,25 +10,14 @@ Tasks: cola sst2 mrpc stsb qqp mnli qnli rte wnli. Submission files for the test
 `<workdir>/predictions/` with the best checkpoint (by the task's GLUE metric) kept in `<workdir>/best`.
 """
 
-from bertjax.config import base_config, finetune_schedule
+from bertjax.config import finetune_config
 
 
 def get_config():
-  config = base_config()
-  config.task = "glue"
-  config.init_from_hf = "google-bert/bert-base-uncased"  # HF folder or hub name; or set init_checkpoint instead
-
+  config = finetune_config("glue", learning_rate=2e-5)
   d = config.data
   d.task = "sst2"  # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli
   d.data_dir = ""  # GLUE layout <data_dir>/<TASK>/{train,dev,test}.tsv; empty: hub nyu-mll/glue
-  d.tokenizer = ""  # empty: the tokenizer that comes with init_from_hf / init_checkpoint
-  d.lowercase = True  # only for a bare vocab.txt without tokenizer_config.json
-  d.max_seq_length = 128
-  d.max_train_examples = 0  # keep the first N training examples (0 = all)
-  d.max_eval_examples = 0  # keep the first N of each dev/test split (0 = all; a cut test file is no submission)
-
-  config.model.preset = ""  # the architecture comes from the checkpoint; set a preset to train from scratch
-
-  finetune_schedule(config, learning_rate=2e-5)
+  # data.max_eval_examples > 0 also cuts the test files: their predictions are then no submission
   config.training.keep_checkpoints = 2
   return config

@@ -7,25 +7,16 @@ Outputs: entity precision/recall/F1 every epoch, the best model in <workdir>/bes
 `token gold pred` files for dev (and test) in <workdir>/predictions/.
 """
 
-from bertjax.config import base_config, finetune_schedule
+from bertjax.config import finetune_config
 
 
 def get_config():
-  config = base_config()
-  config.task = "ner"
-  config.init_from_hf = "google-bert/bert-base-cased"
-  config.model.preset = ""  # architecture from the checkpoint
-
+  config = finetune_config("ner", learning_rate=5e-5, init_from_hf="google-bert/bert-base-cased", lowercase=False,
+                           checkpoint_every_steps=500)
   d = config.data
   d.data_dir = ""  # folder with train.txt, dev.txt and optionally test.txt
   d.train_file = ""  # or name the CoNLL files one by one (token ... TAG per line, blank line between sentences)
   d.dev_file = ""
   d.test_file = ""
   d.hub_dataset = "eriktks/conll2003"  # used when no local files are given (needs network)
-  d.tokenizer = ""  # default: the init checkpoint's tokenizer
-  d.lowercase = False  # only for a bare vocab.txt without tokenizer_config.json
-  d.max_seq_length = 128
-  d.max_train_examples = 0  # first N training sentences (0 = all)
-  d.max_eval_examples = 0  # first N dev sentences (0 = all)
-
-  return finetune_schedule(config, learning_rate=5e-5, checkpoint_every_steps=500)
+  return config

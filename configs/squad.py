@@ -8,29 +8,19 @@ the hub's squad / squad_v2 are used). Outputs: exact / F1 every epoch, the best 
 <workdir>/predictions/predictions.json (+ null_odds.json for v2.0) for the official evaluation scripts.
 """
 
-from bertjax.config import base_config, finetune_schedule
+from bertjax.config import finetune_config
 
 
 def get_config():
-  config = base_config()
-  config.task = "squad"
-  config.init_from_hf = "google-bert/bert-base-uncased"
-  config.model.preset = ""  # architecture from the checkpoint
-
+  config = finetune_config("squad", learning_rate=3e-5, max_seq_length=384, num_epochs=2.0)
   d = config.data
   d.version = "1.1"  # "1.1" | "2.0" (unanswerable questions, null odds)
   d.data_dir = ""  # folder with train-v<version>.json and dev-v<version>.json
   d.train_file = ""  # or name the SQuAD JSON files one by one
   d.dev_file = ""
-  d.tokenizer = ""  # default: the init checkpoint's tokenizer
-  d.lowercase = True  # only for a bare vocab.txt without tokenizer_config.json
-  d.max_seq_length = 384
   d.doc_stride = 128  # window starts advance by this many context tokens
   d.max_query_length = 64
   d.n_best_size = 20
   d.max_answer_length = 30
   d.null_score_diff_threshold = 0.0  # v2.0: answer "" when null score - best span score exceeds this
-  d.max_train_examples = 0  # first N training questions (0 = all)
-  d.max_eval_examples = 0  # first N dev questions (0 = all)
-
-  return finetune_schedule(config, learning_rate=3e-5, num_epochs=2.0)
+  return config
