@@ -242,9 +242,6 @@ class ClassificationTask(Task):
       logging.info("dev per-class report:\n%s", metrics.report_table(rep))
     return {k: v for k, v in rep.items() if not isinstance(v, (dict, list))}
 
-  def eval_summary(self, metrics_: Mapping[str, float]) -> Mapping[str, float]:
-    return {}
-
   def save_assets(self, workdir: str) -> None:
     toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
 

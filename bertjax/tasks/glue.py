@@ -221,9 +221,6 @@ class GlueTask(Task):
       out.update({prefix + k: v for k, v in metrics.glue_metrics(self.spec.name, preds, labels).items()})
     return out
 
-  def eval_summary(self, metrics_: Mapping[str, float]) -> Mapping[str, float]:
-    return {}
-
   def save_assets(self, workdir: str) -> None:
     toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
 

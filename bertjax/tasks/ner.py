@@ -212,9 +212,6 @@ class NerTask(Task):
     """Entity-level precision / recall / F1 on the dev file (plus token loss and accuracy)."""
     return self._score("dev", valid_rows(outputs, self.config.data.max_seq_length))
 
-  def eval_summary(self, metrics_: Mapping[str, float]) -> Mapping[str, float]:
-    return {}
-
   def save_assets(self, workdir: str) -> None:
     toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
 

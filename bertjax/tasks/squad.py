@@ -170,9 +170,6 @@ class SquadTask(Task):
                               float(self.config.data.null_score_diff_threshold))
     return {**m, "loss": float(np.mean(rows["loss"]))}
 
-  def eval_summary(self, metrics_: Mapping[str, float]) -> Mapping[str, float]:
-    return {}
-
   def save_assets(self, workdir: str) -> None:
     toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
 
