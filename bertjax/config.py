@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_accum_steps = 1
   t.num_train_steps = 1000
   t.log_every_steps = 50
+  # a live bar (steps, loss, tokens/s, ETA) instead of the periodic train log lines: auto = on an interactive
+  # terminal (stderr) and in Jupyter / Colab; on | off force it
+  t.progress_bar = "auto"
   t.eval_every_steps = 500
   t.checkpoint_every_steps = 500
   t.keep_checkpoints = 3

@@ -51,9 +51,13 @@ def scalars(acc: clu_metrics.Collection) -> dict[str, float]:
   return {k: float(v) if float(getattr(acc, k).count) > 0 else float("nan") for k, v in values.items()}
 
 
+# the numbers a progress line (and the run summary) shows first, in this order
+HEADLINE = ("loss", "mlm_accuracy", "nsp_accuracy", "accuracy", "f1", "exact")
+
+
 def progress_line(step: int, total: int, scalars: Mapping[str, float], tokens_per_s: float | None,
                   prefix: str = "train") -> str:
-  first = ("loss", "mlm_accuracy", "nsp_accuracy", "accuracy", "f1", "exact", "learning_rate")
+  first = (*HEADLINE, "learning_rate")
   keys = [k for k in first if k in scalars] + sorted(k for k in scalars if k not in first)
   parts = [f"{prefix} step {step}/{total}"]
   for k in keys:

@@ -385,6 +385,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
   if paths.exists(workdir) and not paths.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file; pass a folder")
   writers.check(config)
+  progress.check(config)
   trainer = Trainer(config, workdir)
   trainer.setup()  # all validation and data loading; nothing written to workdir yet
   if config.training.get("eval_only"):
@@ -407,7 +408,7 @@ def _restore(trainer: Trainer, mngr) -> tuple[TrainState | None, dict]:
 
 
 def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilience.PreemptionWatcher) -> dict:
-  t, task = config.training, trainer.task
+  t, task, run_start = config.training, trainer.task, time.time()
   ckpt_dir = paths.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
   mngr = checkpoint.manager(workdir, t.keep_checkpoints, async_save=t.async_checkpointing)
   state, meta = _restore(trainer, mngr)
@@ -427,7 +428,11 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
                                                                                     include_stats="sharding"))
     writer.write_hparams(_flat(config.to_dict()))
   n_steps = trainer.num_train_steps
-  report = progress.ReportProgress(n_steps, writer, every_steps=t.log_every_steps)
+  with_bar = progress.want_bar(t.get("progress_bar", "auto"))
+  # with a bar, the periodic train numbers go to TensorBoard / W&B only (the bar shows them), not to the log
+  interval_writer = writers.MultiWriter([w for w in writer.writers if not isinstance(w, writers.LoggingWriter)]
+                                        ) if with_bar else writer
+  report = progress.ReportProgress(n_steps, interval_writer, every_steps=t.log_every_steps, log=not with_bar)
   tokens_per_step = t.global_batch_size * config.data.get("max_seq_length", 0)
   batches = prefetch((trainer.source.batch(s) for s in range(state.step, n_steps)), trainer.put_batch,
                      size=int(config.data.get("prefetch", 2)))
@@ -443,6 +448,8 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
   skips = resilience.SkipMonitor(int(t.get("max_consecutive_skips", 10)))
   if not stop:
     warm_up(trainer, params, opt_state, state.rng, state.step, n_steps)
+  first_step, loop_start, train_loss = state.step, time.time(), None
+  bar = progress.ProgressBar(n_steps, state.step) if with_bar else None
   try:
     for step in range(state.step, n_steps if not stop else state.step):
       batch = next(batches)
@@ -451,14 +458,21 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
       acc = m if acc is None else acc.merge(m)
       done = step + 1
       report(done)
+      if bar:
+        bar.update(done)
       if done % t.log_every_steps == 0 or done == n_steps:
         skips.flush()
         scalars = mlib.scalars(acc)  # host sync only at logging intervals
         scalars.pop("skipped", None)
         scalars["skipped_steps"] = skips.take_interval()
         tps = tokens_per_step * (done - s0) / max(time.time() - t0, 1e-9)
-        writer.write_scalars(done, {**{f"train/{k}": v for k, v in scalars.items()}, "train/tokens_per_s": tps})
-        logging.info(mlib.progress_line(done, n_steps, scalars, tps))
+        interval_writer.write_scalars(done, {**{f"train/{k}": v for k, v in scalars.items()},
+                                             "train/tokens_per_s": tps})
+        train_loss = scalars.get("loss", train_loss)
+        if bar:
+          bar.show(scalars, tps)
+        else:
+          logging.info(mlib.progress_line(done, n_steps, scalars, tps))
         acc, t0, s0 = None, time.time(), done
       is_eval = done % trainer.eval_every == 0 or done == n_steps
       state = TrainState(done, params, opt_state, state.rng)
@@ -483,6 +497,9 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
         break
     skips.flush()
   finally:
+    loop_secs = time.time() - loop_start
+    if bar:
+      bar.close()
     batches.close()
     writer.flush()
     mngr.wait_until_finished()  # never leave an async save behind, whatever stopped the loop
@@ -490,6 +507,7 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
     logging.info("checkpoint step %d already reaches the end of training (%d steps); evaluating only",
                  state.step, n_steps)
     eval_metrics = trainer.run_eval(params, state.step, writer)
+  kept = sorted(mngr.all_steps())
   mngr.close()
   final = dict(eval_metrics)
   if trainer.best.get("step") is not None and task.main_metric:
@@ -499,8 +517,15 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
   final.update(task.finalize(lambda batches: trainer.predict(params, batches), workdir))
   writer.flush()
   writer.close()
+  metrics_file = paths.join(workdir, "eval_metrics.json")
   if jax.process_index() == 0:
-    paths.write_text(paths.join(workdir, "eval_metrics.json"), json.dumps({"step": state.step, **final}, indent=2))
+    paths.write_text(metrics_file, json.dumps({"step": state.step, **final}, indent=2))
+  has_best = bool(task.main_metric) and trainer.best.get("step") is not None
+  logging.info("%s", progress.summary(
+      step=state.step, total=n_steps, first_step=first_step, wall_secs=time.time() - run_start, loop_secs=loop_secs,
+      train_loss=train_loss, eval_metrics=eval_metrics, main_metric=task.main_metric, best=trainer.best,
+      checkpoint_dir=ckpt_dir, checkpoint_steps=kept, best_dir=paths.join(workdir, "best") if has_best else None,
+      metrics_file=metrics_file))
   return final
 
 
