@@ -7,8 +7,9 @@ For each fraction: `bertjax.prune` (importance on the run's first `num_examples`
 `<out>/p<pct>`, and a recovery fine-tune of that pruned model (`prune.recover`: the run's own config, the normal
 trainer, `recover_steps` steps) into `<out>/p<pct>_r<steps>`; folders already there are reused. Then every model
 (the unpruned run, each pruned one, each recovered one) predicts the SST-2 dev sentences (labels dropped) with
-`Predictor` at `batch_size`: one warm-up pass (compiles every bucket shape; gives the accuracy), then one timed
-pass per model, the models taken in turn. Prints JSON and a markdown table.
+`Predictor` at `batch_size`: one warm-up pass (compiles every bucket shape; gives the accuracy), then `repeats`
+rounds of one timed pass per model, the models taken in turn (so a load change on a shared machine hits them
+alike); sentences/s is the median over the rounds. Prints JSON and a markdown table.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import argparse
 import json
 import os
 import time
+
+import numpy as np
 
 
 def main():
@@ -28,6 +31,7 @@ def main():
   ap.add_argument("--recover_steps", type=int, default=100)
   ap.add_argument("--num_examples", type=int, default=512)
   ap.add_argument("--batch_size", type=int, default=32)
+  ap.add_argument("--repeats", type=int, default=3)
   a = ap.parse_args()
   from bertjax import predict, prune
   dev = [l.rstrip("\n").split("\t") for l in open(os.path.join(a.glue_dir, "SST-2", "dev.tsv"), encoding="utf-8")][1:]
@@ -62,10 +66,14 @@ def main():
     labels = [o["label"] for o in p(texts)]  # warm-up: compiles every bucket shape
     predictors[name] = p
     res["models"][name] = {"checkpoint": p.source, "accuracy": sum(x == g for x, g in zip(labels, gold)) / len(gold)}
-  for name, p in predictors.items():
-    t = time.perf_counter()
-    p(texts)
-    res["models"][name]["sentences_per_s"] = len(texts) / (time.perf_counter() - t)
+  rates = {name: [] for name in predictors}
+  for _ in range(a.repeats):
+    for name, p in predictors.items():
+      t = time.perf_counter()
+      p(texts)
+      rates[name].append(len(texts) / (time.perf_counter() - t))
+  for name, r in rates.items():
+    res["models"][name].update(sentences_per_s=float(np.median(r)), sentences_per_s_rounds=[round(x, 1) for x in r])
   print(json.dumps(res, indent=2))
   print("\n| heads removed | dev accuracy | sentences/s |\n|---|---|---|")
   for name, m in res["models"].items():
