@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
@@ -60,6 +61,18 @@ def workdir_of(step_dir: str) -> str | None:
     if paths.exists(paths.join(d, "tokenizer")) or paths.exists(paths.join(d, "config.json")):
       return d
   return None
+
+
+def copy_run_files(workdir: str | None, folder: str) -> None:
+  """Copy a run's `tokenizer/` and `config.json` (what a Predictor reads beside a checkpoint) into `folder`."""
+  if not workdir:
+    return
+  for name in ("tokenizer", "config.json"):
+    src = os.path.join(workdir, name)
+    if os.path.isdir(src):
+      shutil.copytree(src, os.path.join(folder, name))
+    elif os.path.isfile(src):
+      shutil.copy(src, os.path.join(folder, name))
 
 
 def training_config(workdir: str | None) -> dict:

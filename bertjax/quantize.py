@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -59,7 +58,7 @@ def quantize(step_dir: str, out: str, mode: str) -> dict:
   from flax import nnx
 
   from bertjax.convert import hf
-  from bertjax.predict import model_config, workdir_of
+  from bertjax.predict import copy_run_files, model_config, workdir_of
   from bertjax.train import checkpoint
   params, meta = checkpoint.load_params(step_dir)
   model = hf.build_model(model_config(meta), meta.get("head"), int(meta.get("num_labels") or 0) or None, params,
@@ -70,14 +69,7 @@ def quantize(step_dir: str, out: str, mode: str) -> dict:
   np.savez(os.path.join(out, PARAMS_FILE), **{k: np.asarray(v) for k, v in leaves})
   with open(os.path.join(out, META_FILE), "w") as f:
     json.dump({**meta, "quantization": {"mode": mode, "library": f"qwix {_version()}", "source": step_dir}}, f)
-  workdir = workdir_of(step_dir)
-  if workdir:
-    for name in ("tokenizer", "config.json"):
-      src = os.path.join(workdir, name)
-      if os.path.isdir(src):
-        shutil.copytree(src, os.path.join(out, name))
-      elif os.path.isfile(src):
-        shutil.copy(src, os.path.join(out, name))
+  copy_run_files(workdir_of(step_dir), out)
   return {"float32_bytes": int(sum(np.asarray(v).nbytes for v in _flat_values(params))),
           "quantized_bytes": int(sum(np.asarray(v).nbytes for _, v in leaves)),
           "file_bytes": os.path.getsize(os.path.join(out, PARAMS_FILE))}

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
   from bertjax.models.bert import BertConfig
 
 HEAD_CHOICES = ("auto", *HF_ARCHITECTURE)
-NOT_HF_FIELDS = ("dtype", *hf.COMPUTE_FIELDS)  # how bertjax computes, not the architecture
+NOT_HF_FIELDS = ("dtype", "heads_per_layer", *hf.COMPUTE_FIELDS)  # not transformers' architecture
 Log = Callable[[str], None]
 
 
@@ -216,6 +216,32 @@ def to_hf(checkpoint_path: str, out: str, verify: bool | None = None, atol: floa
   return diffs
 
 
+def full_shape(params: dict, cfg: BertConfig, kept_heads: list | None) -> tuple[dict, BertConfig]:
+  """A pruned model (`cfg.heads_per_layer`) at full shape: each kept head back at its original index
+  (`kept_heads`, else the first slots) and the removed heads' query / key / value columns and attention-output
+  rows zero. A zero head adds nothing: its values are 0 whatever its (uniform) attention, and so are its output
+  rows. An unpruned model is returned as it is."""
+  if cfg.heads_per_layer is None:
+    return params, cfg
+  import copy
+  out, d = copy.deepcopy(params), cfg.head_dim
+  bert = out["bert"] if "bert" in out else out
+  for i, n in enumerate(cfg.heads_per_layer):
+    slots = kept_heads[i] if kept_heads else list(range(n))
+    cols = np.concatenate([np.arange(h * d, (h + 1) * d) for h in slots])
+    att = bert["encoder"]["layer"][i]["attention"]
+    for name in ("query", "key", "value"):
+      kernel = np.zeros((cfg.hidden_size, cfg.hidden_size), np.float32)
+      kernel[:, cols] = att["self"][name]["kernel"]
+      bias = np.zeros(cfg.hidden_size, np.float32)
+      bias[cols] = att["self"][name]["bias"]
+      att["self"][name] = {"kernel": kernel, "bias": bias}
+    kernel = np.zeros((cfg.hidden_size, cfg.hidden_size), np.float32)
+    kernel[cols, :] = att["output"]["dense"]["kernel"]
+    att["output"]["dense"]["kernel"] = kernel
+  return out, dataclasses.replace(cfg, heads_per_layer=None)
+
+
 def _to_hf_full(step_dir: str, tmp: str, verify: bool | None, atol: float, log: Log) -> dict[str, float]:
   """The whole model (LoRA merged) as a transformers folder, checked against transformers."""
   from bertjax.convert import verify as parity
@@ -230,6 +256,10 @@ def _to_hf_full(step_dir: str, tmp: str, verify: bool | None, atol: float, log: 
   if not isinstance(meta.get("model_config"), dict):
     raise UserError(f"checkpoint {step_dir} has no model_config in its meta; it was not written by bertjax")
   cfg = hf.config_from_meta(meta, dtype="float32")
+  full_params, full_cfg = full_shape(params, cfg, (meta.get("pruning") or {}).get("kept_heads"))
+  if full_cfg is not cfg:
+    log(f"pruned model ({list(cfg.heads_per_layer)} heads per layer): exported at full shape with the removed "
+        "heads' weights zeroed (transformers 5 has no pruned_heads)")
   num_labels = None
   if head in hf.CLASSIFIER_HEADS:
     num_labels = int(np.shape(params["classifier"]["kernel"])[1])
@@ -237,9 +267,9 @@ def _to_hf_full(step_dir: str, tmp: str, verify: bool | None, atol: float, log: 
       log(f"WARNING: meta num_labels={meta['num_labels']} but the classifier has {num_labels} outputs; using "
           f"{num_labels}")
   with open(os.path.join(tmp, "config.json"), "w") as f:
-    json.dump(hf_config(cfg, head, num_labels, meta.get("label_names"), meta.get("problem_type")), f, indent=2)
+    json.dump(hf_config(full_cfg, head, num_labels, meta.get("label_names"), meta.get("problem_type")), f, indent=2)
   from safetensors.numpy import save_file
-  state = to_hf_state(params)
+  state = to_hf_state(full_params)
   save_file({k: v.astype(np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
             metadata={"format": "pt"})
   log(f"wrote {len(state)} tensors as {HF_ARCHITECTURE[head]} from {step_dir}")

@@ -31,7 +31,8 @@ COMPUTE_FIELDS = ("attention", "remat", "scan_layers")  # how a run computed, ne
 def config_from_meta(meta: Mapping[str, Any], dtype: str | None = None) -> "BertConfig":
   """The architecture in a checkpoint's `meta.model_config` (the one place that reads it); `dtype` replaces the
   run's compute dtype when given. Kernel, remat and scan choices are the defaults: the training machine's
-  `model.attention=cudnn` must not follow the model onto a CPU."""
+  `model.attention=cudnn` must not follow the model onto a CPU. A pruned model's `heads_per_layer` (a JSON list)
+  comes back as the tuple `bertjax.prune` wrote."""
   from bertjax.models.bert import BertConfig
   skip = set(COMPUTE_FIELDS) | ({"dtype"} if dtype else set())
   known = {f.name for f in dataclasses.fields(BertConfig)} - skip
@@ -50,7 +51,7 @@ _REQUIRED = ("bert.embeddings.", "bert.encoder.")
 # config field a mismatching key most likely points at.
 _SHAPE_HINTS = (("word_embeddings", "vocab_size"), ("predictions.bias", "vocab_size"),
                 ("position_embeddings", "max_position_embeddings"), ("token_type_embeddings", "type_vocab_size"),
-                ("intermediate", "intermediate_size"), ("attention.", "hidden_size"),
+                ("intermediate", "intermediate_size"), ("attention.", "hidden_size / heads_per_layer"),
                 ("output.dense.weight", "intermediate_size"))
 
 

@@ -7,7 +7,9 @@ compute dtype; attention runs through `bertjax.models.attention` (XLA with a flo
 splash kernel; `model.attention`). Every parameter carries logical axis names that `bertjax.train.sharding` maps
 onto the mesh. `remat` recomputes each layer's activations in the backward pass; `scan_layers` runs the layers
 under one `jax.lax.scan` (one layer body to compile) while the parameters stay per layer, so checkpoints, HF
-conversion and path-based freezing see the same tree either way.
+conversion and path-based freezing see the same tree either way. A pruned model (`heads_per_layer`, written by
+`bertjax.prune`) has fewer heads in some layers: their query/key/value kernels have `heads * head_dim` output
+columns and their attention output dense as many input rows, so pruned layers really compute less.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class BertConfig:
   attention: str = "auto"  # auto | xla | cudnn | splash (bertjax.models.attention)
   remat: str = "none"  # none | full | dots (save only the dense layers' matmul outputs)
   scan_layers: bool = False  # run the layers under jax.lax.scan (faster compiles for deep models)
+  heads_per_layer: tuple[int, ...] | None = None  # attention heads kept in each layer (pruned); None: all
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -73,6 +76,30 @@ class BertConfig:
       raise UserError(f"model.attention={self.attention!r} is not one of {list(attn.CHOICES)}")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"model.remat={self.remat!r} is not one of {list(REMAT_POLICIES)}")
+    if self.heads_per_layer is not None:
+      self._check_heads_per_layer()
+
+  def _check_heads_per_layer(self) -> None:
+    heads = tuple(int(h) for h in self.heads_per_layer)  # a JSON list from checkpoint meta -> a hashable tuple
+    object.__setattr__(self, "heads_per_layer", heads)
+    if len(heads) != self.num_hidden_layers:
+      raise UserError(f"model.heads_per_layer has {len(heads)} entries but num_hidden_layers={self.num_hidden_layers}"
+                      "; give one head count per layer")
+    bad = [i for i, h in enumerate(heads) if not 1 <= h <= self.num_attention_heads]
+    if bad:
+      raise UserError(f"model.heads_per_layer[{bad[0]}]={heads[bad[0]]} is outside 1..num_attention_heads="
+                      f"{self.num_attention_heads}; every layer keeps at least one attention head")
+    if self.scan_layers and len(set(heads)) > 1:
+      raise UserError(f"model.scan_layers=True needs layers of one shape but this pruned model keeps {list(heads)} "
+                      "heads per layer; set model.scan_layers=False")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  def layer_heads(self, i: int) -> int:
+    """Attention heads of layer `i` (fewer than num_attention_heads in a pruned model)."""
+    return self.num_attention_heads if self.heads_per_layer is None else self.heads_per_layer[i]
 
   @property
   def compute_dtype(self) -> Any:
@@ -140,33 +167,42 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertSelfAttention(nnx.Module):
-  """Multi-head scaled dot-product attention through `attention.dot_product_attention` (`cfg.attention`)."""
+  """Multi-head scaled dot-product attention through `attention.dot_product_attention` (`cfg.attention`).
 
-  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-    self.num_heads = cfg.num_attention_heads
+  `head_mask` (None, or [heads] / [batch, heads], set from outside) multiplies each head's output: the
+  differentiable mask of head-importance scoring (`bertjax.prune`); 0 removes a head's contribution."""
+
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, num_heads: int | None = None):
+    self.num_heads = cfg.num_attention_heads if num_heads is None else num_heads
+    self.head_dim = cfg.head_dim
     self.implementation = cfg.attention
-    d = cfg.hidden_size
-    self.query = dense(cfg, d, d, ("embed", "heads"), rngs)
-    self.key = dense(cfg, d, d, ("embed", "heads"), rngs)
-    self.value = dense(cfg, d, d, ("embed", "heads"), rngs)
+    d, inner = cfg.hidden_size, self.num_heads * cfg.head_dim
+    self.query = dense(cfg, d, inner, ("embed", "heads"), rngs)
+    self.key = dense(cfg, d, inner, ("embed", "heads"), rngs)
+    self.value = dense(cfg, d, inner, ("embed", "heads"), rngs)
     self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
+    self.head_mask = nnx.data(None)
 
   def __call__(self, x, mask, segment_ids=None, *, deterministic: bool, rngs: nnx.Rngs | None):
-    b, t, d = x.shape
-    split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+    b, t, _ = x.shape
+    split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
     impl = attn.choose(self.implementation, dtype=q.dtype, dropout=self.dropout.rate, seq_len=t,
-                       head_dim=d // self.num_heads)
+                       head_dim=self.head_dim)
     drop = lambda p: self.dropout(p, deterministic=deterministic, rngs=rngs)
     out = attn.dot_product_attention(q, k, v, key_mask=mask, segment_ids=segment_ids, implementation=impl,
                                      dropout_fn=drop)
-    return out.reshape(b, t, d)
+    if self.head_mask is not None:
+      m = jnp.asarray(self.head_mask, out.dtype)
+      out = out * (m[None, None, :, None] if m.ndim == 1 else m[:, None, :, None])
+    return out.reshape(b, t, self.num_heads * self.head_dim)
 
 
 class BertSelfOutput(nnx.Module):
 
-  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-    self.dense = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("heads", "embed"), rngs)
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, num_heads: int | None = None):
+    inner = (cfg.num_attention_heads if num_heads is None else num_heads) * cfg.head_dim
+    self.dense = dense(cfg, inner, cfg.hidden_size, ("heads", "embed"), rngs)
     self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
     self.adapter = nnx.data(None)  # a bottleneck adapter set by bertjax.peft (peft.method=adapter)
@@ -180,9 +216,9 @@ class BertSelfOutput(nnx.Module):
 
 class BertAttention(nnx.Module):
 
-  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-    self.self = BertSelfAttention(cfg, rngs)
-    self.output = BertSelfOutput(cfg, rngs)
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, num_heads: int | None = None):
+    self.self = BertSelfAttention(cfg, rngs, num_heads)
+    self.output = BertSelfOutput(cfg, rngs, num_heads)
 
   def __call__(self, x, mask, segment_ids=None, *, deterministic: bool, rngs: nnx.Rngs | None):
     h = self.self(x, mask, segment_ids, deterministic=deterministic, rngs=rngs)
@@ -217,8 +253,8 @@ class BertOutput(nnx.Module):
 class BertLayer(nnx.Module):
   """One post-LayerNorm transformer block."""
 
-  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-    self.attention = BertAttention(cfg, rngs)
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, num_heads: int | None = None):
+    self.attention = BertAttention(cfg, rngs, num_heads)
     self.intermediate = BertIntermediate(cfg, rngs)
     self.output = BertOutput(cfg, rngs)
 
@@ -231,7 +267,7 @@ class BertEncoder(nnx.Module):
   """The layer stack; with `remat` / `scan_layers` each layer runs as a pure function of its parameters."""
 
   def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-    self.layer = nnx.List([BertLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layer = nnx.List([BertLayer(cfg, rngs, cfg.layer_heads(i)) for i in range(cfg.num_hidden_layers)])
     self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
 
   def __call__(self, x, mask, segment_ids=None, *, deterministic: bool, rngs: nnx.Rngs | None):
