@@ -112,9 +112,13 @@ class PretrainingTask(Task):
     short_len, fraction = int(d.get("short_seq_length", 0) or 0), float(d.get("short_seq_fraction", 0.0) or 0.0)
     if not short_len or fraction <= 0:
       return full
-    if not 8 <= short_len < d.max_seq_length or fraction >= 1:
-      raise UserError(f"data.short_seq_length={short_len} / data.short_seq_fraction={fraction}: use a length in "
-                      f"[8, data.max_seq_length={d.max_seq_length}) and a fraction in (0, 1)")
+    if not 8 <= short_len or fraction >= 1:
+      raise UserError(f"data.short_seq_length={short_len} / data.short_seq_fraction={fraction}: use a length of at "
+                      f"least 8 (0: no short phase) and a fraction in (0, 1)")
+    if short_len >= d.max_seq_length:  # e.g. the default's 32-token phase under --config.data.max_seq_length=32
+      logging.info("no short-sequence phase: data.short_seq_length=%d is not below data.max_seq_length=%d",
+                   short_len, d.max_seq_length)
+      return full
     rows = c.training.global_batch_size * (d.max_seq_length // short_len)  # about the same tokens per step
     m = self.masker  # as many prediction slots per row as the shorter rows need
     masker = pt.Masker(dataclasses.replace(m.cfg, max_predictions=-(-m.cfg.max_predictions * short_len //
