@@ -82,15 +82,15 @@ def model_config(config: ConfigDict, vocab_size: int, tokenizer: Any = None) -> 
 
 def pretrained_model_config(config: ConfigDict) -> dict | None:
   """The architecture dict of `init_checkpoint` (bertjax) or `init_from_hf` (HF folder / hub name)."""
+  from bertjax.convert import hf
   if config.get("init_checkpoint"):
     from bertjax.train import checkpoint
-    meta = checkpoint.read_meta(checkpoint.resolve_step_dir(config.init_checkpoint))
-    return {k: v for k, v in meta["model_config"].items() if k not in _RUN_FIELDS}
-  if config.get("init_from_hf"):
-    from bertjax.convert import hf
+    cfg = hf.config_from_meta(checkpoint.read_meta(checkpoint.resolve_step_dir(config.init_checkpoint)))
+  elif config.get("init_from_hf"):
     cfg = hf.read_config(config.init_from_hf)
-    return {k: v for k, v in cfg.__dict__.items() if k not in _RUN_FIELDS}
-  return None
+  else:
+    return None
+  return {k: v for k, v in cfg.__dict__.items() if k not in _RUN_FIELDS}
 
 
 def pretrained_tokenizer_dir(config: ConfigDict) -> str | None:
