@@ -102,15 +102,18 @@ def test_checkpoint_save_restore_identical(small_corpus, cache_dir, tmp_path):
 
 
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(small_corpus, cache_dir, tmp_path):
+  # The interruption is a 2-step run resumed as a 4-step one, so nothing may depend on num_train_steps: a
+  # constant learning rate, and no short-sequence phase (its end is a fraction of num_train_steps; resuming across
+  # it is tested with a real interruption in test_resilience_preemption).
   straight = tiny_config(small_corpus, cache_dir, num_train_steps=4)
-  straight.optimizer.schedule = "constant"
+  straight.optimizer.schedule, straight.data.short_seq_length = "constant", 0
   train_and_evaluate(straight, str(tmp_path / "straight"))
   first = tiny_config(small_corpus, cache_dir, num_train_steps=2)
-  first.optimizer.schedule = "constant"
+  first.optimizer.schedule, first.data.short_seq_length = "constant", 0
   train_and_evaluate(first, str(tmp_path / "resumed"))
   assert checkpoint.resolve_step_dir(str(tmp_path / "resumed")).endswith("/2")
   second = tiny_config(small_corpus, cache_dir, num_train_steps=4)
-  second.optimizer.schedule = "constant"
+  second.optimizer.schedule, second.data.short_seq_length = "constant", 0
   train_and_evaluate(second, str(tmp_path / "resumed"))
   a, meta_a = checkpoint.load_params(str(tmp_path / "straight"))
   b, meta_b = checkpoint.load_params(str(tmp_path / "resumed"))
