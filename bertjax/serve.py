@@ -134,6 +134,14 @@ def _field(req: dict, many: str, one: str) -> list[str] | None:
   return None
 
 
+class _Server(ThreadingHTTPServer):
+  # socketserver listens with a backlog of 5: a burst of more new connections than that overflows the accept
+  # queue, and clients whose handshake the kernel dropped see "connection reset by peer" (benchmarks/serve_load.py
+  # at concurrency 32 did). One thread per connection, so the backlog only has to hold a burst.
+  request_queue_size = 1024
+  daemon_threads = True
+
+
 def make_server(predictor: Any, host: str = "127.0.0.1", port: int = 8080, max_batch_size: int = 64,
                 max_wait_ms: float = 5.0, max_request_bytes: int = 1 << 20, max_texts: int = 256,
                 max_chars: int = 20_000) -> ThreadingHTTPServer:
@@ -183,8 +191,7 @@ def make_server(predictor: Any, host: str = "127.0.0.1", port: int = 8080, max_b
         logging.exception("prediction failed")
         self._error(500, f"prediction failed: {type(e).__name__}: {e}")
 
-  server = ThreadingHTTPServer((host, port), Handler)
-  server.daemon_threads = True
+  server = _Server((host, port), Handler)
   server.batcher = batcher  # type: ignore[attr-defined]
   close = server.server_close
 

@@ -112,3 +112,29 @@ def test_server_batches_and_rejects_bad_requests(tmp_path):
     server.server_close()
   thread.join(10)
   assert not thread.is_alive()
+
+
+def test_server_takes_a_burst_of_new_connections(tmp_path):
+  """64 clients connect before the server accepts any (socketserver's default backlog of 5 held ~6: the rest
+  timed out connecting or were reset, as benchmarks/serve_load.py saw at concurrency 32); all are then served."""
+  import socket
+  from bertjax import predict, serve
+  wd, _ = make_checkpoint(tmp_path / "wd", "sequence_classification", ["neg", "pos"], data={"max_seq_length": 40})
+  server = serve.make_server(predict.Predictor.from_checkpoint(wd, batch_size=16), port=0)
+  port = server.server_address[1]
+  try:
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=3) for _ in range(64)]  # nobody accepts yet
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for s in socks:
+      s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    replies = []
+    for s in socks:
+      data = b""
+      while chunk := s.recv(4096):
+        data += chunk
+      replies.append(data.split(b"\r\n", 1)[0])
+      s.close()
+    assert replies == [b"HTTP/1.1 200 OK"] * 64
+  finally:
+    server.shutdown()
+    server.server_close()
