@@ -112,10 +112,6 @@ def choose_kept(scores: Sequence[np.ndarray], n_remove: int) -> list[list[int]]:
 
 # -- slicing ------------------------------------------------------------------------------------------------------
 
-def _columns(kept: Sequence[int], head_dim: int) -> np.ndarray:
-  return np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
-
-
 def prune_params(params: dict, cfg: Any, kept: Sequence[Sequence[int]]) -> tuple[dict, Any]:
   """(params with only the `kept` heads of each layer, the pruned BertConfig). Head indices count the layer's
   current heads; a head's q / k / v columns and output-dense rows go together, so the kept heads compute
@@ -125,7 +121,7 @@ def prune_params(params: dict, cfg: Any, kept: Sequence[Sequence[int]]) -> tuple
   out = copy.deepcopy(params)
   bert = out["bert"] if "bert" in out else out
   for i, heads in enumerate(kept):
-    cols = _columns(heads, cfg.head_dim)
+    cols = cfg.head_columns(heads)
     att = bert["encoder"]["layer"][i]["attention"]
     for name in ("query", "key", "value"):
       att["self"][name]["kernel"] = np.ascontiguousarray(att["self"][name]["kernel"][:, cols])

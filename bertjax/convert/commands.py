@@ -224,11 +224,11 @@ def full_shape(params: dict, cfg: BertConfig, kept_heads: list | None) -> tuple[
   if cfg.heads_per_layer is None:
     return params, cfg
   import copy
-  out, d = copy.deepcopy(params), cfg.head_dim
+  out = copy.deepcopy(params)
   bert = out["bert"] if "bert" in out else out
   for i, n in enumerate(cfg.heads_per_layer):
     slots = kept_heads[i] if kept_heads else list(range(n))
-    cols = np.concatenate([np.arange(h * d, (h + 1) * d) for h in slots])
+    cols = cfg.head_columns(slots)
     att = bert["encoder"]["layer"][i]["attention"]
     for name in ("query", "key", "value"):
       kernel = np.zeros((cfg.hidden_size, cfg.hidden_size), np.float32)

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bertjax.errors import UserError
@@ -96,6 +97,10 @@ class BertConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
+
+  def head_columns(self, heads) -> np.ndarray:
+    """Indices of the query / key / value columns (and attention-output rows) of the attention heads `heads`."""
+    return np.concatenate([np.arange(h * self.head_dim, (h + 1) * self.head_dim) for h in heads])
 
   def layer_heads(self, i: int) -> int:
     """Attention heads of layer `i` (fewer than num_attention_heads in a pruned model)."""
