@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--max_grad_norm", type=float, default=1.0)
   ap.add_argument("--seed", type=int, default=42)
   ap.add_argument("--eval_batch", type=int, default=64)
-  ap.add_argument("--workdir", default="", help="bertjax workdir (default: a temporary folder, removed after)")
+  ap.add_argument("--workdir", default="", help="bertjax workdirs go in <workdir>/bucket and <workdir>/pack "
+                  "(default: temporary folders, removed after)")
   ap.add_argument("--out", default=os.path.join("workdirs", "finetune_glue.json"), help="results JSON")
   ap.add_argument("--skip_bertjax", action="store_true")
   ap.add_argument("--skip_torch", action="store_true")
@@ -71,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--bertjax_modes", default="bucket,pack",
                   help="bertjax runs: 'bucket' (data.bucket_lengths) and/or 'pack' (data.packing: several examples "
                        "per row)")
+  ap.add_argument("--peft", default="none", choices=["none", "lora"],
+                  help="lora: both sides train LoRA r=8, alpha 16 on query + value, with the classifier and pooler "
+                       "trained fully (bertjax's config.peft defaults; peft.LoraConfig with modules_to_save)")
   ap.add_argument("--verbose", action="store_true", help="show every library's log lines")
   return ap.parse_args(argv)
 
@@ -114,6 +118,7 @@ def run_bertjax(a: argparse.Namespace, p: dict, packing: bool = False) -> dict:
   c.data.update(task=a.task, data_dir=a.data_dir, max_train_examples=a.train_examples,
                 max_eval_examples=a.eval_examples, max_seq_length=a.max_seq_length, bucket_lengths=a.bucket_lengths,
                 packing=packing)
+  c.peft.method = a.peft
   t = c.training
   t.global_batch_size, t.eval_batch_size = a.batch, a.eval_batch
   t.num_train_steps = a.steps if a.steps > 0 else -1
@@ -139,7 +144,9 @@ def run_bertjax(a: argparse.Namespace, p: dict, packing: bool = False) -> dict:
 
   for m, f in originals.items():
     setattr(trainer_lib.Trainer, m, timed(f))
-  workdir = a.workdir or tempfile.mkdtemp(prefix="bertjax_glue_")
+  # one folder per mode: a second run in the same folder would resume the first one's final checkpoint
+  workdir = os.path.join(a.workdir, "pack" if packing else "bucket") if a.workdir else tempfile.mkdtemp(
+      prefix="bertjax_glue_")
   t0 = time.time()
   try:
     result = trainer_lib.train_and_evaluate(c, workdir)
@@ -196,9 +203,15 @@ def run_torch(a: argparse.Namespace, p: dict, window: list[int], padding: str = 
   dev = encode(dev_examples[:a.eval_examples] if a.eval_examples else dev_examples)
   model = transformers.AutoModelForSequenceClassification.from_pretrained(
       folder, num_labels=1 if spec.is_regression else len(spec.labels)).float().to(device)
+  if a.peft == "lora":
+    import peft
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+        modules_to_save=["classifier", "pooler"]))
   no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
-  groups = [{"params": [q for n, q in model.named_parameters() if not no_decay(n)], "weight_decay": a.weight_decay},
-            {"params": [q for n, q in model.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
+  named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+  groups = [{"params": [q for n, q in named if not no_decay(n)], "weight_decay": a.weight_decay},
+            {"params": [q for n, q in named if no_decay(n)], "weight_decay": 0.0}]
   opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.999), eps=a.eps)
   sched = transformers.get_linear_schedule_with_warmup(opt, p["warmup_steps"], p["steps"])
   source = BatchSource({"i": np.arange(p["train_examples"])}, a.batch, a.seed)  # bertjax's batch order

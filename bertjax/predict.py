@@ -31,11 +31,14 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from bertjax import paths
-from bertjax.data import glue, squad, tokenizer as toklib
+from bertjax.data import glue, loader, squad, tokenizer as toklib
 from bertjax.errors import UserError
 
 FINETUNE_HEADS = ("sequence_classification", "token_classification", "question_answering")
-_MIN_BUCKET = 16
+# Prediction sorts inputs by length, so a batch's rows are about equally long and finer widths than training's
+# "auto" (whose batches are random) cut real padding: on the SST-2 dev sentences (batch 32, sorted) the mean width
+# is 31.3 tokens with these widths vs 37.1 with powers of two, against 25.5 real tokens.
+PREDICT_BUCKETS = "16,24,32,48,64,96,128,192,256,384,512"
 
 
 # -- checkpoint discovery ---------------------------------------------------------------------------------------
@@ -88,11 +91,9 @@ def training_config(workdir: str | None) -> dict:
 # -- the predictor ----------------------------------------------------------------------------------------------
 
 def bucket_length(n: int, max_len: int) -> int:
-  """The padded length of a batch whose longest row has `n` tokens: a power of two >= 16, at most `max_len`."""
-  b = _MIN_BUCKET
-  while b < n:
-    b *= 2
-  return min(b, max_len)
+  """The padded length of a batch whose longest row has `n` tokens: the smallest `PREDICT_BUCKETS` width that
+  holds it, at most `max_len`."""
+  return next(w for w in loader.bucket_lengths(PREDICT_BUCKETS, max_len) if w >= min(n, max_len))
 
 
 @dataclasses.dataclass
@@ -180,7 +181,7 @@ class Predictor:
 
   def warmup(self) -> int:
     """Compile every (rows, length) shape `run` can use (powers of two), so no request waits for a compile."""
-    lengths = sorted({bucket_length(n, self.max_seq_length) for n in range(1, self.max_seq_length + 1)})
+    lengths = loader.bucket_lengths(PREDICT_BUCKETS, self.max_seq_length)
     shapes = [(1 << i, t) for i in range((self.batch_size - 1).bit_length() + 1) if 1 << i <= self.batch_size
               for t in lengths]
     shapes += [(self.batch_size, t) for t in lengths if self.batch_size & (self.batch_size - 1)]
