@@ -98,6 +98,45 @@ def run_preset(preset: str, a, peak: float, lengths) -> None:
   print(f"  transformers: {ref * 1e3:9.1f} ms/step  {real / ref:10,.0f} real tokens/s  "
         f"MFU {real / ref * flops_per_token / peak:6.1%}  (PyTorch {__import__('torch').__version__}, CPU)")
   print(f"  ratio bertjax / transformers real tokens/s: {ref / dt:.2f}x")
+  if a.explain:
+    explain(cfg, a, batch, steps, dt, peak)
+
+
+def gemm_rate(m: int, d: int, f: int, reps: int = 5) -> float:
+  """FLOP/s of one encoder layer's matmuls at m tokens (Q, K, V, output d x d; FFN d x f and f x d), each with its
+  two backward products (input and weight gradients), as XLA runs them here."""
+  import jax
+  import jax.numpy as jnp
+  shapes = [(m, d, d)] * 4 + [(m, d, f), (m, f, d)]
+  key = jax.random.key(0)
+  ops, flops = [], 0
+  for i, (mm, k, n) in enumerate(shapes):
+    x, w, g = (jax.random.normal(jax.random.fold_in(key, 3 * i + j), s, jnp.float32)
+               for j, s in enumerate(((mm, k), (k, n), (mm, n))))
+    ops.append((x, w, g))
+    flops += 3 * 2 * mm * k * n
+
+  @jax.jit
+  def layer(ops):
+    return [(x @ w, g @ w.T, x.T @ g) for x, w, g in ops]
+
+  jax.block_until_ready(layer(ops))
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = layer(ops)
+  jax.block_until_ready(out)
+  return flops * reps / (time.perf_counter() - t)
+
+
+def explain(cfg: BertConfig, a, batch: dict, steps: int, dt: float, peak: float) -> None:
+  """What limits bertjax's step: the matmul rate its own shapes allow, and the cost of dropout."""
+  import dataclasses
+  rate = gemm_rate(a.batch * a.seq, cfg.hidden_size, cfg.intermediate_size)
+  nodrop = dataclasses.replace(cfg, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  dt0, _, _ = train_step_time(nodrop, batch, steps)
+  print(f"  limits: this preset's layer matmuls (forward + both gradients, {a.batch * a.seq} tokens) run at "
+        f"{rate / 1e9:,.1f} GFLOP/s = {rate / peak:.0%} of the {peak / 1e9:,.1f} GFLOP/s peak; "
+        f"without dropout the step takes {dt0 * 1e3:,.1f} ms ({1 - dt0 / dt:.1%} less)")
 
 
 def main():
@@ -112,6 +151,9 @@ def main():
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--steps", type=int, default=10, help="timed steps (halved for base and large)")
   ap.add_argument("--no_torch", action="store_true")
+  ap.add_argument("--explain", action="store_true",
+                  help="also measure what limits the step: the matmul rate at the preset's own layer shapes and the "
+                       "step time without dropout")
   a = ap.parse_args()
   import jax
   lengths = default_corpus_lengths(a.batch, a.seq) if a.lengths == "default_corpus" else None

@@ -140,3 +140,11 @@ def test_short_run_loss_falls_and_writes_outputs(small_corpus, cache_dir, tmp_pa
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
   assert json.loads((wd / "eval_metrics.json").read_text())["step"] == 40
   assert (wd / "tokenizer" / "vocab.txt").exists() and (wd / "config.json").exists()
+
+
+def test_tokens_per_s_counts_real_tokens():
+  """train/tokens_per_s counts non-pad tokens (padding, buckets and packing do not inflate it)."""
+  from bertjax.train import trainer
+  mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], np.int32)
+  assert trainer.real_tokens({"input_ids": mask * 7, "attention_mask": mask}) == 4
+  assert trainer.real_tokens({"input_ids": np.zeros((3, 5), np.int32)}) == 15

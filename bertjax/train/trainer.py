@@ -433,13 +433,12 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
   interval_writer = writers.MultiWriter([w for w in writer.writers if not isinstance(w, writers.LoggingWriter)]
                                         ) if with_bar else writer
   report = progress.ReportProgress(n_steps, interval_writer, every_steps=t.log_every_steps, log=not with_bar)
-  tokens_per_step = t.global_batch_size * config.data.get("max_seq_length", 0)
-  batches = prefetch((trainer.source.batch(s) for s in range(state.step, n_steps)), trainer.put_batch,
-                     size=int(config.data.get("prefetch", 2)))
+  batches = prefetch((trainer.source.batch(s) for s in range(state.step, n_steps)),
+                     lambda b: (trainer.put_batch(b), real_tokens(b)), size=int(config.data.get("prefetch", 2)))
   logging.info("training steps %d -> %d (%d steps per epoch, global batch %d, mesh %s)", state.step, n_steps,
                trainer.source.steps_per_epoch, t.global_batch_size, dict(trainer.mesh.shape))
   eval_metrics: dict[str, float] = {}
-  acc, t0, s0 = None, time.time(), state.step
+  acc, t0, tokens = None, time.time(), 0
   params, opt_state = state.params, state.opt_state
   stop = trainer.best.get("stopped", False)
   if meta.get("eval_pending") and not stop:  # preempted at an evaluation step before evaluating
@@ -452,7 +451,8 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
   bar = progress.ProgressBar(n_steps, state.step) if with_bar else None
   try:
     for step in range(state.step, n_steps if not stop else state.step):
-      batch = next(batches)
+      batch, n_tokens = next(batches)
+      tokens += n_tokens
       params, opt_state, m = trainer.train_step(params, opt_state, batch, np.int32(step), state.rng)
       skips.push(step + 1, m.skipped.total)  # reads the previous step's flag: no wait on this one
       acc = m if acc is None else acc.merge(m)
@@ -465,7 +465,7 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
         scalars = mlib.scalars(acc)  # host sync only at logging intervals
         scalars.pop("skipped", None)
         scalars["skipped_steps"] = skips.take_interval()
-        tps = tokens_per_step * (done - s0) / max(time.time() - t0, 1e-9)
+        tps = tokens / max(time.time() - t0, 1e-9)
         interval_writer.write_scalars(done, {**{f"train/{k}": v for k, v in scalars.items()},
                                              "train/tokens_per_s": tps})
         train_loss = scalars.get("loss", train_loss)
@@ -473,7 +473,7 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
           bar.show(scalars, tps)
         else:
           logging.info(mlib.progress_line(done, n_steps, scalars, tps))
-        acc, t0, s0 = None, time.time(), done
+        acc, t0, tokens = None, time.time(), 0
       is_eval = done % trainer.eval_every == 0 or done == n_steps
       state = TrainState(done, params, opt_state, state.rng)
       if watcher.should_stop(done):
@@ -567,6 +567,14 @@ def evaluate_only(trainer: Trainer, config: ConfigDict, workdir: str) -> dict[st
     paths.write_text(paths.join(out, "eval_metrics.json"), json.dumps({"step": step, **final}, indent=2))
   logging.info("eval only: metrics and predictions of step %d in %s", step, out)
   return final
+
+
+def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
+  """Non-pad tokens of a host batch (this process's rows) times the process count: what `train/tokens_per_s`
+  and the log line's tokens/s count, so padding, bucketing and packing do not inflate it."""
+  mask = batch.get("attention_mask")
+  n = int(np.count_nonzero(mask)) if mask is not None else int(np.prod(np.shape(batch["input_ids"])))
+  return n * jax.process_count()
 
 
 def warm_up(trainer: Trainer, params, opt_state, rng, start: int, stop: int) -> None:
