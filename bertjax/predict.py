@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -93,7 +94,13 @@ def training_config(workdir: str | None) -> dict:
 def bucket_length(n: int, max_len: int) -> int:
   """The padded length of a batch whose longest row has `n` tokens: the smallest `PREDICT_BUCKETS` width that
   holds it, at most `max_len`."""
-  return next(w for w in loader.bucket_lengths(PREDICT_BUCKETS, max_len) if w >= min(n, max_len))
+  return next(w for w in predict_widths(max_len) if w >= min(n, max_len))
+
+
+@functools.lru_cache(maxsize=None)
+def predict_widths(max_len: int) -> tuple[int, ...]:
+  """`PREDICT_BUCKETS` up to `max_len` (parsed once per length, not per batch)."""
+  return loader.bucket_lengths(PREDICT_BUCKETS, max_len)
 
 
 @dataclasses.dataclass
@@ -181,7 +188,7 @@ class Predictor:
 
   def warmup(self) -> int:
     """Compile every (rows, length) shape `run` can use (powers of two), so no request waits for a compile."""
-    lengths = loader.bucket_lengths(PREDICT_BUCKETS, self.max_seq_length)
+    lengths = predict_widths(self.max_seq_length)
     shapes = [(1 << i, t) for i in range((self.batch_size - 1).bit_length() + 1) if 1 << i <= self.batch_size
               for t in lengths]
     shapes += [(self.batch_size, t) for t in lengths if self.batch_size & (self.batch_size - 1)]
