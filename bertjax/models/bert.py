@@ -24,6 +24,7 @@ from flax import nnx
 
 from bertjax.errors import UserError
 from bertjax.models import attention as attn
+from bertjax.models.dropout import Dropout
 
 # Google's published BERT shapes (Turc et al. 2019 miniatures + the paper's base/large).
 PRESETS: dict[str, dict[str, int]] = {
@@ -120,9 +121,16 @@ class BertConfig:
     return cls(**shape)
 
 
+def gelu(x):
+  """Exact (erf) GELU written as transformers writes it, x/2 (1 + erf(x/sqrt(2))). `jax.nn.gelu(approximate=False)`
+  uses erfc, which XLA's CPU backend evaluates at about twice the cost of erf (2.2% of a BERT-base CPU step
+  before, 1.0% after); the two agree to float32 rounding."""
+  return x * 0.5 * (1.0 + jax.lax.erf(x * np.asarray(0.7071067811865476, x.dtype)))
+
+
 def activation(name: str):
   if name == "gelu":
-    return lambda x: jax.nn.gelu(x, approximate=False)
+    return gelu
   if name == "gelu_new":
     return lambda x: jax.nn.gelu(x, approximate=True)
   return jax.nn.relu
@@ -162,7 +170,7 @@ class BertEmbeddings(nnx.Module):
     self.position_embeddings = embed(cfg, cfg.max_position_embeddings, (None, "embed"), rngs)
     self.token_type_embeddings = embed(cfg, cfg.type_vocab_size, (None, "embed"), rngs)
     self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
-    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+    self.dropout = Dropout(cfg.hidden_dropout_prob)
 
   def __call__(self, input_ids, token_type_ids, *, position_ids=None, deterministic: bool, rngs: nnx.Rngs | None):
     positions = jnp.arange(input_ids.shape[-1])[None, :] if position_ids is None else position_ids
@@ -185,7 +193,7 @@ class BertSelfAttention(nnx.Module):
     self.query = dense(cfg, d, inner, ("embed", "heads"), rngs)
     self.key = dense(cfg, d, inner, ("embed", "heads"), rngs)
     self.value = dense(cfg, d, inner, ("embed", "heads"), rngs)
-    self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
+    self.dropout = Dropout(cfg.attention_probs_dropout_prob)
     self.head_mask = nnx.data(None)
 
   def __call__(self, x, mask, segment_ids=None, *, deterministic: bool, rngs: nnx.Rngs | None):
@@ -209,7 +217,7 @@ class BertSelfOutput(nnx.Module):
     inner = (cfg.num_attention_heads if num_heads is None else num_heads) * cfg.head_dim
     self.dense = dense(cfg, inner, cfg.hidden_size, ("heads", "embed"), rngs)
     self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
-    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+    self.dropout = Dropout(cfg.hidden_dropout_prob)
     self.adapter = nnx.data(None)  # a bottleneck adapter set by bertjax.peft (peft.method=adapter)
 
   def __call__(self, h, residual, *, deterministic: bool, rngs: nnx.Rngs | None):
@@ -245,7 +253,7 @@ class BertOutput(nnx.Module):
   def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
     self.dense = dense(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs)
     self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
-    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+    self.dropout = Dropout(cfg.hidden_dropout_prob)
     self.adapter = nnx.data(None)  # a bottleneck adapter set by bertjax.peft (peft.method=adapter)
 
   def __call__(self, h, residual, *, deterministic: bool, rngs: nnx.Rngs | None):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bertjax.models.bert import BertConfig, BertModel, activation, dense, layer_norm
+from bertjax.models.dropout import Dropout
 
 
 class BertPredictionHeadTransform(nnx.Module):
@@ -111,7 +112,7 @@ class BertForSequenceClassification(nnx.Module):
     self.num_labels = num_labels
     self.bert = BertModel(cfg, rngs)
     rate = cfg.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
-    self.dropout = nnx.Dropout(rate)
+    self.dropout = Dropout(rate)
     self.classifier = dense(cfg, cfg.hidden_size, num_labels, ("embed", None), rngs)
 
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, position_ids=None, segment_ids=None,
@@ -131,7 +132,7 @@ class BertForTokenClassification(nnx.Module):
     self.num_labels = num_labels
     self.bert = BertModel(cfg, rngs, add_pooling_layer=False)
     rate = cfg.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
-    self.dropout = nnx.Dropout(rate)
+    self.dropout = Dropout(rate)
     self.classifier = dense(cfg, cfg.hidden_size, num_labels, ("embed", None), rngs)
 
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic: bool = True,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bertjax.models.bert import BertConfig, BertOutput, BertSelfOutput, activation, dense
+from bertjax.models.dropout import Dropout
 
 
 class Adapter(nnx.Module):
@@ -25,7 +26,7 @@ class Adapter(nnx.Module):
                          bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",),
                                                          eager_sharding=False))
     self.hidden_act = cfg.hidden_act
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = Dropout(dropout)
 
   def __call__(self, x, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
     h = activation(self.hidden_act)(self.down(x))
