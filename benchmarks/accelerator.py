@@ -80,8 +80,9 @@ def make_batch(cfg: BertConfig, b: int, t: int, p: int, seed: int = 0, lengths=N
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def train_step_time(cfg: BertConfig, batch: dict, steps: int) -> tuple[float, float, int]:
-  """(seconds per step, compile seconds, non-embedding parameter count) of a jitted AdamW step."""
+def train_step_fn(cfg: BertConfig, batch: dict):
+  """(run one step, compile seconds, non-embedding parameter count) for a jitted AdamW step; each call of the
+  first dispatches one step on `batch` (a new dropout key each time) and returns its loss."""
   model = BertForPreTraining(cfg, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
@@ -103,16 +104,35 @@ def train_step_time(cfg: BertConfig, batch: dict, steps: int) -> tuple[float, fl
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, batch, key).compile()
   compile_s = time.perf_counter() - t0
-  params, opt, loss = compiled(params, opt, batch, key)  # warm-up
-  loss.block_until_ready()
-  t0 = time.perf_counter()
-  for i in range(steps):
-    params, opt, loss = compiled(params, opt, batch, jax.random.fold_in(key, i))
-  loss.block_until_ready()
-  if not np.isfinite(float(loss)):
-    raise FloatingPointError(f"loss {float(loss)}")
   n = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
           if "embeddings" not in jax.tree_util.keystr(path) and "'bert'" in jax.tree_util.keystr(path))
+  state = {"params": params, "opt": opt, "i": 0}
+
+  def run_one() -> jax.Array:
+    state["params"], state["opt"], loss = compiled(state["params"], state["opt"], batch,
+                                                   jax.random.fold_in(key, state["i"]))
+    state["i"] += 1
+    return loss  # not waited for: steps queue up on the device
+
+  return run_one, compile_s, n
+
+
+def finite(loss: jax.Array) -> float:
+  """Wait for `loss`; raise when it is not finite."""
+  value = float(loss)
+  if not np.isfinite(value):
+    raise FloatingPointError(f"loss {value}")
+  return value
+
+
+def train_step_time(cfg: BertConfig, batch: dict, steps: int) -> tuple[float, float, int]:
+  """(seconds per step, compile seconds, non-embedding parameter count) of a jitted AdamW step."""
+  run_one, compile_s, n = train_step_fn(cfg, batch)
+  finite(run_one())  # warm-up
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    loss = run_one()
+  finite(loss)
   return (time.perf_counter() - t0) / steps, compile_s, n
 
 

@@ -10,7 +10,9 @@ Throughput counts real (non-pad) tokens only. bertjax pads every batch to `--seq
 at the masked positions (its design); transformers runs as its users run it: `BertForPreTraining` with
 `labels` (logits at every position), each batch padded to its longest row (`DataCollatorForLanguageModeling`'s
 dynamic padding). MFU uses FLOPs/token = 6N + 12*L*d*T (N = non-embedding parameters) against a float32 matmul
-peak measured in this run.
+peak measured in this run. Every run is timed one step at a time, in turn (bertjax, transformers, and with
+`--explain` bertjax without dropout), and the median step is reported, so that a slow spell of a shared
+machine falls on both sides alike.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accelerator import make_batch, matmul_peak, train_step_time  # noqa: E402  (benchmarks/accelerator.py)
+from accelerator import finite, make_batch, matmul_peak, train_step_fn  # noqa: E402  (benchmarks/accelerator.py)
 
 from bertjax.models.bert import BertConfig  # noqa: E402
 
@@ -43,7 +45,8 @@ def default_corpus_lengths(n: int, seq: int, seed: int = 0) -> np.ndarray:
   return np.random.RandomState(seed).choice(lengths, n, replace=False)
 
 
-def torch_step_time(cfg: BertConfig, batch: dict, steps: int) -> float | None:
+def torch_step_fn(cfg: BertConfig, batch: dict):
+  """One training step of transformers' BertForPreTraining + torch AdamW on `batch` per call (None without torch)."""
   try:
     import torch
     import transformers
@@ -72,34 +75,59 @@ def torch_step_time(cfg: BertConfig, batch: dict, steps: int) -> float | None:
     model(**inputs).loss.backward()
     opt.step()
 
-  one()
-  t = time.perf_counter()
+  return one
+
+
+def round_robin(steps: int, **runs) -> dict[str, float]:
+  """Median seconds per step of each run, timed one step of each in turn (a warm-up step each first), so that
+  a slow spell of a shared machine falls on every run alike. Each run is a callable doing one step; a value it
+  returns (a JAX loss) is waited for inside its timing."""
+  times = {name: [] for name in runs}
+  for name, run in runs.items():
+    out = run()
+    if out is not None:
+      finite(out)
   for _ in range(steps):
-    one()
-  return (time.perf_counter() - t) / steps
+    for name, run in runs.items():
+      t = time.perf_counter()
+      out = run()
+      if out is not None:
+        finite(out)
+      times[name].append(time.perf_counter() - t)
+  return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def run_preset(preset: str, a, peak: float, lengths) -> None:
+  import dataclasses
   vocab = a.vocab or 30522
   cfg = BertConfig.from_preset(preset, vocab_size=vocab, dtype=a.dtype)
   batch = make_batch(cfg, a.batch, a.seq, a.max_predictions, lengths=lengths)
   real = int(np.asarray(batch["attention_mask"]).sum())
-  steps = a.steps if preset not in ("base", "large") else max(2, a.steps // 2)
-  dt, _, n = train_step_time(cfg, batch, steps)
+  bertjax_run, _, n = train_step_fn(cfg, batch)
+  runs = {"bertjax": bertjax_run}
+  if a.explain:
+    nodrop = dataclasses.replace(cfg, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    runs["bertjax_nodrop"] = train_step_fn(nodrop, batch)[0]
+  torch_run = None if a.no_torch else torch_step_fn(cfg, batch)
+  if torch_run is not None:
+    runs["transformers"] = torch_run
+  med = round_robin(a.steps, **runs)
+  dt = med["bertjax"]
   flops_per_token = 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * a.seq
   tps = real / dt
   print(f"[{preset}] L={cfg.num_hidden_layers}, d={cfg.hidden_size}, non-embedding N={n:,} | batch {a.batch} x seq "
-        f"{a.seq} ({real:,} real tokens, {1 - real / (a.batch * a.seq):.1%} padding) | vocab {vocab} | {steps} steps")
+        f"{a.seq} ({real:,} real tokens, {1 - real / (a.batch * a.seq):.1%} padding) | vocab {vocab} | median of "
+        f"{a.steps} steps, one step of each run in turn")
   print(f"  bertjax:      {dt * 1e3:9.1f} ms/step  {tps:10,.0f} real tokens/s  MFU {tps * flops_per_token / peak:6.1%}")
-  ref = None if a.no_torch else torch_step_time(cfg, batch, steps)
-  if ref is None:
+  if torch_run is None:
     print("  transformers: not measured (torch/transformers not installed or --no_torch)")
-    return
-  print(f"  transformers: {ref * 1e3:9.1f} ms/step  {real / ref:10,.0f} real tokens/s  "
-        f"MFU {real / ref * flops_per_token / peak:6.1%}  (PyTorch {__import__('torch').__version__}, CPU)")
-  print(f"  ratio bertjax / transformers real tokens/s: {ref / dt:.2f}x")
+  else:
+    ref = med["transformers"]
+    print(f"  transformers: {ref * 1e3:9.1f} ms/step  {real / ref:10,.0f} real tokens/s  "
+          f"MFU {real / ref * flops_per_token / peak:6.1%}  (PyTorch {__import__('torch').__version__}, CPU)")
+    print(f"  ratio bertjax / transformers real tokens/s: {ref / dt:.2f}x")
   if a.explain:
-    explain(cfg, a, batch, steps, dt, peak)
+    explain(cfg, a, dt, med["bertjax_nodrop"], peak)
 
 
 def gemm_rate(m: int, d: int, f: int, reps: int = 5) -> float:
@@ -128,12 +156,9 @@ def gemm_rate(m: int, d: int, f: int, reps: int = 5) -> float:
   return flops * reps / (time.perf_counter() - t)
 
 
-def explain(cfg: BertConfig, a, batch: dict, steps: int, dt: float, peak: float) -> None:
+def explain(cfg: BertConfig, a, dt: float, dt0: float, peak: float) -> None:
   """What limits bertjax's step: the matmul rate its own shapes allow, and the cost of dropout."""
-  import dataclasses
   rate = gemm_rate(a.batch * a.seq, cfg.hidden_size, cfg.intermediate_size)
-  nodrop = dataclasses.replace(cfg, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  dt0, _, _ = train_step_time(nodrop, batch, steps)
   print(f"  limits: this preset's layer matmuls (forward + both gradients, {a.batch * a.seq} tokens) run at "
         f"{rate / 1e9:,.1f} GFLOP/s = {rate / peak:.0%} of the {peak / 1e9:,.1f} GFLOP/s peak; "
         f"without dropout the step takes {dt0 * 1e3:,.1f} ms ({1 - dt0 / dt:.1%} less)")
@@ -149,7 +174,7 @@ def main():
   ap.add_argument("--vocab", type=int, default=None, help="default 30522")
   ap.add_argument("--lengths", default="full", help="full | default_corpus")
   ap.add_argument("--dtype", default="float32")
-  ap.add_argument("--steps", type=int, default=10, help="timed steps (halved for base and large)")
+  ap.add_argument("--steps", type=int, default=10, help="timed steps of each run (the median is reported)")
   ap.add_argument("--no_torch", action="store_true")
   ap.add_argument("--explain", action="store_true",
                   help="also measure what limits the step: the matmul rate at the preset's own layer shapes and the "
