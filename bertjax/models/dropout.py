@@ -2,7 +2,7 @@
 
 `nnx.Dropout` draws its mask with `jax.random.bernoulli`. With the default Threefry key, XLA's CPU backend lowers
 Threefry as a 5-iteration while loop that writes two full uint32 arrays to memory on every iteration; on BERT-base
-that was 6.8% of a CPU training step (0.3% with this module, `benchmarks/pretrain_throughput.py --explain`).
+that was 6.8% of a CPU training step (3.6% with this module, `benchmarks/pretrain_throughput.py --explain`).
 `Dropout` computes the same Threefry-2x32 hash (20 rounds, the function `jax.random` uses; `tests/test_dropout.py`
 checks it bit for bit against `jax.extend.random.threefry_2x32`) as straight-line jnp code over the element
 indices, written once per mask, and the index counters partition like any iota under a sharded mesh.
