@@ -17,6 +17,7 @@ step), so that a slow spell of a shared machine does not move the ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -94,7 +95,6 @@ def median_step(run, steps: int) -> float:
 
 
 def run_preset(preset: str, a, peak: float, lengths) -> None:
-  import dataclasses
   vocab = a.vocab or 30522
   cfg = BertConfig.from_preset(preset, vocab_size=vocab, dtype=a.dtype)
   batch = make_batch(cfg, a.batch, a.seq, a.max_predictions, lengths=lengths)
