@@ -82,7 +82,8 @@ def make_batch(cfg: BertConfig, b: int, t: int, p: int, seed: int = 0, lengths=N
 
 def train_step_fn(cfg: BertConfig, batch: dict):
   """(run one step, compile seconds, non-embedding parameter count) for a jitted AdamW step; each call of the
-  first dispatches one step on `batch` (a new dropout key each time) and returns its loss."""
+  first dispatches one step on `batch` (a new dropout key each time) and returns its loss. A packed batch
+  (`segment_ids`, `position_ids`, `cls_positions`, `nsp_weights` [B, k]) runs the model's packed path."""
   model = BertForPreTraining(cfg, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
@@ -90,10 +91,16 @@ def train_step_fn(cfg: BertConfig, batch: dict):
   opt = tx.init(params)
 
   def loss_fn(p, b, key):
+    packed = {k: b[k] for k in ("position_ids", "segment_ids", "cls_positions") if k in b}
     mlm, nsp = nnx.merge(graphdef, p)(b["input_ids"], b["token_type_ids"], b["attention_mask"],
-                                      b["masked_positions"], deterministic=False, rngs=nnx.Rngs(dropout=key))
-    return (optax.softmax_cross_entropy_with_integer_labels(mlm, b["masked_labels"]).mean()
-            + optax.softmax_cross_entropy_with_integer_labels(nsp, b["nsp_labels"]).mean())
+                                      b["masked_positions"], deterministic=False, rngs=nnx.Rngs(dropout=key),
+                                      **packed)
+    nsp_xent = optax.softmax_cross_entropy_with_integer_labels(nsp, b["nsp_labels"])
+    if "nsp_weights" in b:  # packed rows: one NSP label per used slot
+      nsp_loss = jnp.sum(nsp_xent * b["nsp_weights"]) / jnp.maximum(jnp.sum(b["nsp_weights"]), 1.0)
+    else:
+      nsp_loss = nsp_xent.mean()
+    return optax.softmax_cross_entropy_with_integer_labels(mlm, b["masked_labels"]).mean() + nsp_loss
 
   def step(p, o, b, key):
     loss, g = jax.value_and_grad(loss_fn)(p, b, key)

@@ -1,7 +1,8 @@
 """Pretraining real-token throughput: bertjax vs transformers' BertForPreTraining (PyTorch), presets in one run.
 
   python benchmarks/pretrain_throughput.py --presets=tiny,mini,base --batch=32 --seq=128 --steps=10
-  python benchmarks/pretrain_throughput.py --presets=mini --lengths=default_corpus   # the default run's pair lengths
+  python benchmarks/pretrain_throughput.py --presets=mini --lengths=default_corpus   # the default run's pairs,
+                                                                                    # unpacked and packed
 
 Both sides run a full training step (forward, backward, AdamW) on the same random token ids with 15% masked
 positions. Rows hold `--seq` tokens, or, with `--lengths=default_corpus`, the lengths of a random sample of the
@@ -9,7 +10,10 @@ default run's NSP pairs (BBC News, `configs/mlm.py`; built or read from the bert
 Throughput counts real (non-pad) tokens only. bertjax pads every batch to `--seq` and computes MLM logits only
 at the masked positions (its design); transformers runs as its users run it: `BertForPreTraining` with
 `labels` (logits at every position), each batch padded to its longest row (`DataCollatorForLanguageModeling`'s
-dynamic padding). MFU uses FLOPs/token = 6N + 12*L*d*T (N = non-embedding parameters) against a float32 matmul
+dynamic padding). With `--lengths=default_corpus` bertjax also runs packed (`--packing=4`, what
+`data.packing=True` does): `--batch` rows drawn from the default corpus packed first-fit with at most 4 pairs a row,
+segment ids, restarting position ids and NSP at each pair's [CLS]; transformers runs unpacked, as its users run
+it, and each ratio divides real tokens/s by real tokens/s. MFU uses FLOPs/token = 6N + 12*L*d*T (N = non-embedding parameters) against a float32 matmul
 peak measured in this run. Each side reports its median step time over `--steps` steps (after a warm-up
 step), so that a slow spell of a shared machine does not move the ratio.
 """
@@ -30,8 +34,9 @@ from accelerator import finite, make_batch, matmul_peak, train_step_fn  # noqa: 
 from bertjax.models.bert import BertConfig  # noqa: E402
 
 
-def default_corpus_lengths(n: int, seq: int, seed: int = 0) -> np.ndarray:
-  """Real lengths of `n` random NSP pairs of the default pretraining run (configs/mlm.py) at length `seq`."""
+def default_corpus_pairs(seq: int) -> dict:
+  """The default pretraining run's NSP pairs (configs/mlm.py: BBC News) at length `seq`, built or read from the
+  bertjax cache."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import mlm
   from bertjax.tasks.pretraining import PretrainingTask
@@ -42,7 +47,43 @@ def default_corpus_lengths(n: int, seq: int, seed: int = 0) -> np.ndarray:
   lengths = np.asarray(task.train_pairs["lengths"])
   print(f"default corpus: {len(lengths):,} pairs at length {seq}; real tokens {lengths.mean() / seq:.1%} of the "
         f"padded rows")
+  return task.train_pairs
+
+
+def default_corpus_lengths(n: int, seq: int, seed: int = 0, pairs: dict | None = None) -> np.ndarray:
+  """Real lengths of `n` random NSP pairs of the default pretraining run (configs/mlm.py) at length `seq`."""
+  lengths = np.asarray((pairs or default_corpus_pairs(seq))["lengths"])
   return np.random.RandomState(seed).choice(lengths, n, replace=False)
+
+
+def packed_batch(cfg: BertConfig, pairs: dict, b: int, p: int, k: int, seed: int = 0) -> dict:
+  """`b` random rows of the default corpus packed as `data.packing=True` packs it (`pack_pairs`: first-fit, at
+  most `k` pairs per row), with the pipeline's segment ids, restarting position ids, each pair's [CLS] column and
+  NSP label; random token ids at the real positions (as `make_batch`) and `p` masked positions per row."""
+  import jax.numpy as jnp
+  from bertjax.data.pretraining import pack_pairs, padding_share
+  packed = pack_pairs(pairs, k)
+  width = packed["input_ids"].shape[1]
+  print(f"packed (at most {k} pairs per row): {len(packed['lengths']):,} rows; padding "
+        f"{padding_share(np.asarray(pairs['lengths']), width):.1%} unpacked -> "
+        f"{padding_share(packed['lengths'], width):.1%} packed")
+  r = np.random.RandomState(seed)
+  rows = r.choice(len(packed["lengths"]), b, replace=False)
+  seg = packed["segment_ids"][rows]
+  real = seg > 0
+  ids = np.where(real, r.randint(5, cfg.vocab_size, seg.shape), 0).astype(np.int32)
+  cls = packed["cls_positions"][rows]
+  pos = []
+  for i in range(b):
+    cand = np.setdiff1d(np.flatnonzero(real[i]), cls[i])
+    pick = np.sort(r.choice(cand, min(p, len(cand)), replace=False))
+    pos.append(np.concatenate([pick, np.zeros(p - len(pick), np.int64)]))
+  pos = np.stack(pos).astype(np.int32)
+  batch = {"input_ids": ids, "token_type_ids": packed["token_type_ids"][rows], "attention_mask": real.astype(np.int32),
+           "masked_positions": pos, "masked_labels": np.take_along_axis(ids, pos, 1),
+           "segment_ids": seg, "position_ids": packed["position_ids"][rows], "cls_positions": cls,
+           "nsp_labels": packed["nsp_labels"][rows], "nsp_weights": packed["nsp_slots"][rows]}
+  return {key: jnp.asarray(v) for key, v in batch.items()}
 
 
 def torch_step_fn(cfg: BertConfig, batch: dict):
@@ -94,36 +135,47 @@ def median_step(run, steps: int) -> float:
   return float(np.median([timed() for _ in range(steps)]))
 
 
-def run_preset(preset: str, a, peak: float, lengths) -> None:
+def run_preset(preset: str, a, peak: float, lengths, pairs) -> None:
   vocab = a.vocab or 30522
   cfg = BertConfig.from_preset(preset, vocab_size=vocab, dtype=a.dtype)
   batch = make_batch(cfg, a.batch, a.seq, a.max_predictions, lengths=lengths)
-  real = int(np.asarray(batch["attention_mask"]).sum())
+  real = {"bertjax": int(np.asarray(batch["attention_mask"]).sum())}
   bertjax_run, _, n = train_step_fn(cfg, batch)
   runs = {"bertjax": bertjax_run}
   if a.explain:
     nodrop = dataclasses.replace(cfg, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     runs["bertjax_nodrop"] = train_step_fn(nodrop, batch)[0]
+  if pairs is not None and a.packing:
+    packed = packed_batch(cfg, pairs, a.batch, a.max_predictions, a.packing)
+    real["bertjax_packed"] = int(np.asarray(packed["attention_mask"]).sum())
+    runs["bertjax_packed"] = train_step_fn(cfg, packed)[0]
   torch_run = None if a.no_torch else torch_step_fn(cfg, batch)
   if torch_run is not None:
     runs["transformers"] = torch_run
+    real["transformers"] = real["bertjax"]  # the same unpacked rows
   med = {name: median_step(run, a.steps) for name, run in runs.items()}
-  dt = med["bertjax"]
   flops_per_token = 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * a.seq
-  tps = real / dt
   print(f"[{preset}] L={cfg.num_hidden_layers}, d={cfg.hidden_size}, non-embedding N={n:,} | batch {a.batch} x seq "
-        f"{a.seq} ({real:,} real tokens, {1 - real / (a.batch * a.seq):.1%} padding) | vocab {vocab} | median of "
-        f"{a.steps} steps")
-  print(f"  bertjax:      {dt * 1e3:9.1f} ms/step  {tps:10,.0f} real tokens/s  MFU {tps * flops_per_token / peak:6.1%}")
+        f"{a.seq} | vocab {vocab} | median of {a.steps} steps")
+  labels = {"bertjax": "bertjax", "bertjax_packed": f"bertjax packed (<= {a.packing} pairs/row)",
+            "transformers": "transformers"}
+  for name, label in labels.items():
+    if name not in med:
+      continue
+    tps = real[name] / med[name]
+    extra = f"  (PyTorch {__import__('torch').__version__}, CPU)" if name == "transformers" else ""
+    print(f"  {label + ':':32s} {med[name] * 1e3:9.1f} ms/step  {real[name]:6,} real tokens "
+          f"({1 - real[name] / (a.batch * a.seq):5.1%} padding)  {tps:10,.0f} real tokens/s  "
+          f"MFU {tps * flops_per_token / peak:6.1%}{extra}")
   if torch_run is None:
     print("  transformers: not measured (torch/transformers not installed or --no_torch)")
   else:
-    ref = med["transformers"]
-    print(f"  transformers: {ref * 1e3:9.1f} ms/step  {real / ref:10,.0f} real tokens/s  "
-          f"MFU {real / ref * flops_per_token / peak:6.1%}  (PyTorch {__import__('torch').__version__}, CPU)")
-    print(f"  ratio bertjax / transformers real tokens/s: {ref / dt:.2f}x")
+    ref = real["transformers"] / med["transformers"]
+    for name in ("bertjax", "bertjax_packed"):
+      if name in med:
+        print(f"  ratio {labels[name]} / transformers real tokens/s: {real[name] / med[name] / ref:.2f}x")
   if a.explain:
-    explain(cfg, a, dt, med["bertjax_nodrop"], peak)
+    explain(cfg, a, med["bertjax"], med["bertjax_nodrop"], peak)
 
 
 def gemm_rate(m: int, d: int, f: int, reps: int = 5) -> float:
@@ -169,6 +221,9 @@ def main():
   ap.add_argument("--max_predictions", type=int, default=20)
   ap.add_argument("--vocab", type=int, default=None, help="default 30522")
   ap.add_argument("--lengths", default="full", help="full | default_corpus")
+  ap.add_argument("--packing", type=int, default=4,
+                  help="with --lengths=default_corpus, also time bertjax on packed rows of the default corpus, at "
+                       "most this many pairs per row (data.max_segments_per_row); 0: no packed run")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--steps", type=int, default=10, help="timed steps of each run (the median is reported)")
   ap.add_argument("--no_torch", action="store_true")
@@ -177,12 +232,13 @@ def main():
                        "step time without dropout")
   a = ap.parse_args()
   import jax
-  lengths = default_corpus_lengths(a.batch, a.seq) if a.lengths == "default_corpus" else None
+  pairs = default_corpus_pairs(a.seq) if a.lengths == "default_corpus" else None
+  lengths = None if pairs is None else default_corpus_lengths(a.batch, a.seq, pairs=pairs)
   peak = matmul_peak(2048, 10, np.float32)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; measured float32 matmul peak "
         f"{peak / 1e9:,.1f} GFLOP/s; dtype {a.dtype}")
   for preset in (a.preset or a.presets).split(","):
-    run_preset(preset, a, peak, lengths)
+    run_preset(preset, a, peak, lengths, pairs)
 
 
 if __name__ == "__main__":
