@@ -11,11 +11,12 @@ Throughput counts real (non-pad) tokens only. bertjax pads every batch to `--seq
 at the masked positions (its design); transformers runs as its users run it: `BertForPreTraining` with
 `labels` (logits at every position), each batch padded to its longest row (`DataCollatorForLanguageModeling`'s
 dynamic padding). With `--lengths=default_corpus` bertjax also runs packed (`--packing=4`, what
-`data.packing=True` does): `--batch` rows drawn from the default corpus packed first-fit with at most 4 pairs a row,
-segment ids, restarting position ids and NSP at each pair's [CLS]; transformers runs unpacked, as its users run
-it, and each ratio divides real tokens/s by real tokens/s. MFU uses FLOPs/token = 6N + 12*L*d*T (N = non-embedding parameters) against a float32 matmul
-peak measured in this run. Each side reports its median step time over `--steps` steps (after a warm-up
-step), so that a slow spell of a shared machine does not move the ratio.
+`data.packing=True` does): `--batch` rows drawn from the default corpus packed first-fit with at most 4 pairs a
+row, segment ids, restarting position ids and NSP at each pair's [CLS]; transformers runs unpacked, as its users
+run it, and each ratio divides real tokens/s by real tokens/s. MFU uses FLOPs/token = 6N + 12*L*d*T
+(N = non-embedding parameters) against a float32 matmul peak measured in this run. Each side reports its median
+step time over `--steps` steps (after a warm-up step), so that a slow spell of a shared machine does not move the
+ratio.
 """
 
 from __future__ import annotations
