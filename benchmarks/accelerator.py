@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bertjax.data.loader import packed_inputs  # noqa: E402  (numpy only)
 from bertjax.models.bert import BertConfig  # noqa: E402
 from bertjax.models.heads import BertForPreTraining  # noqa: E402
 
@@ -91,10 +92,9 @@ def train_step_fn(cfg: BertConfig, batch: dict):
   opt = tx.init(params)
 
   def loss_fn(p, b, key):
-    packed = {k: b[k] for k in ("position_ids", "segment_ids", "cls_positions") if k in b}
     mlm, nsp = nnx.merge(graphdef, p)(b["input_ids"], b["token_type_ids"], b["attention_mask"],
                                       b["masked_positions"], deterministic=False, rngs=nnx.Rngs(dropout=key),
-                                      **packed)
+                                      **packed_inputs(b))
     nsp_xent = optax.softmax_cross_entropy_with_integer_labels(nsp, b["nsp_labels"])
     if "nsp_weights" in b:  # packed rows: one NSP label per used slot
       nsp_loss = jnp.sum(nsp_xent * b["nsp_weights"]) / jnp.maximum(jnp.sum(b["nsp_weights"]), 1.0)

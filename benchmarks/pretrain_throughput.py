@@ -51,10 +51,9 @@ def default_corpus_pairs(seq: int) -> dict:
   return task.train_pairs
 
 
-def default_corpus_lengths(n: int, seq: int, seed: int = 0, pairs: dict | None = None) -> np.ndarray:
-  """Real lengths of `n` random NSP pairs of the default pretraining run (configs/mlm.py) at length `seq`."""
-  lengths = np.asarray((pairs or default_corpus_pairs(seq))["lengths"])
-  return np.random.RandomState(seed).choice(lengths, n, replace=False)
+def sample_lengths(pairs: dict, n: int, seed: int = 0) -> np.ndarray:
+  """Real lengths of `n` random pairs of `pairs` (`default_corpus_pairs`)."""
+  return np.random.RandomState(seed).choice(np.asarray(pairs["lengths"]), n, replace=False)
 
 
 def packed_batch(cfg: BertConfig, pairs: dict, b: int, p: int, k: int, seed: int = 0) -> dict:
@@ -234,7 +233,7 @@ def main():
   a = ap.parse_args()
   import jax
   pairs = default_corpus_pairs(a.seq) if a.lengths == "default_corpus" else None
-  lengths = None if pairs is None else default_corpus_lengths(a.batch, a.seq, pairs=pairs)
+  lengths = None if pairs is None else sample_lengths(pairs, a.batch)
   peak = matmul_peak(2048, 10, np.float32)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; measured float32 matmul peak "
         f"{peak / 1e9:,.1f} GFLOP/s; dtype {a.dtype}")
