@@ -47,7 +47,7 @@ def bertjax_logits(workdir: str, data_dir: str, task: str, max_seq_length: int) 
 
   sys.path.insert(0, REPO)
   from configs import glue
-  from bertjax.peft.base import build_model
+  from bertjax.artifacts.factory import model_from_meta
   from bertjax.tasks.glue import GlueTask
   from bertjax.train import checkpoint
   params, meta = checkpoint.load_params(workdir)
@@ -56,7 +56,7 @@ def bertjax_logits(workdir: str, data_dir: str, task: str, max_seq_length: int) 
   c.data.update(task=task, data_dir=data_dir, max_seq_length=max_seq_length)
   t = GlueTask(c, tempfile.mkdtemp())
   t.prepare()
-  model = build_model(meta, params)
+  model = model_from_meta(meta, params, dtype="float32")
   predict = nnx.jit(lambda m, b: t.predict_step(m, b))
   outs = [jax.tree.map(np.asarray, predict(model, b)) for b in t.eval_batches()]
   keep = np.concatenate([o["example_weights"] for o in outs]) > 0

@@ -32,6 +32,7 @@ def main():
   ap.add_argument("--batch_size", type=int, default=32)
   a = ap.parse_args()
   from bertjax import predict, quantize
+  from bertjax.artifacts import workdir
   from bertjax.convert import commands
   dev = [l.rstrip("\n").split("\t") for l in open(os.path.join(a.glue_dir, "SST-2", "dev.tsv"), encoding="utf-8")][1:]
   texts, gold = [r[0] for r in dev], [r[1] for r in dev]
@@ -58,7 +59,7 @@ def main():
                                   "label_agreement_with_bertjax": agree}
   res["speedup_vs_pipeline"] = len(texts) / secs / res["transformers_pipeline"]["sentences_per_s"]
 
-  step = predict.find_checkpoint(a.workdir)
+  step = workdir.find_checkpoint(a.workdir)
   res["float32_params_bytes"] = sum(os.path.getsize(os.path.join(r, f))
                                     for r, _, fs in os.walk(os.path.join(step, "params")) for f in fs)
   for mode in quantize.MODES:

@@ -34,10 +34,11 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   a = ap.parse_args()
   from bertjax import predict, prune
+  from bertjax.artifacts import workdir
   dev = [l.rstrip("\n").split("\t") for l in open(os.path.join(a.glue_dir, "SST-2", "dev.tsv"), encoding="utf-8")][1:]
   texts, gold = [r[0] for r in dev], [r[1] for r in dev]
-  step_dir = predict.find_checkpoint(a.workdir)
-  config = prune.run_config(predict.workdir_of(step_dir), step_dir)
+  step_dir = workdir.find_checkpoint(a.workdir)
+  config = prune.run_config(workdir.workdir_of(step_dir), step_dir)
   models, res = {"0%": a.workdir}, {"workdir": a.workdir, "checkpoint": step_dir, "dev_sentences": len(texts),
                                     "batch_size": a.batch_size, "recover_steps": a.recover_steps, "models": {}}
   for f in (float(x) for x in a.fractions.split(",")):

@@ -7,10 +7,14 @@ import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bertjax.errors import UserError
+from bertjax.data.corpus import default_cache_dir
+from bertjax.errors import Diverged, UserError
+from bertjax.train import resilience
+from bertjax.train.trainer import train_and_evaluate
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py) with get_config().", lock_config=True)
@@ -38,7 +42,6 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _load_config()
-  import jax
   if FLAGS.distributed or (FLAGS.distributed is None and _multihost_env()):
     explicit = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
                                                   ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
@@ -49,7 +52,6 @@ def main(argv):
   shown = workdir if "://" in workdir else os.path.abspath(workdir)  # a URL stays a URL
   logging.info("JAX %s on %d devices (%s), process %d/%d; workdir %s", jax.__version__, jax.device_count(),
                jax.devices()[0].platform, jax.process_index(), jax.process_count(), shown)
-  from bertjax.train.trainer import train_and_evaluate
   train_and_evaluate(config, workdir)
 
 
@@ -57,14 +59,12 @@ def compilation_cache(config) -> str | None:
   """Turn on XLA's persistent compilation cache (a re-run loads the steps it compiled before): `compilation_cache`
   in the config, else $BERTJAX_COMPILATION_CACHE, else <bertjax cache>/xla_compilation_cache; 'off' disables it.
   A JAX_COMPILATION_CACHE_DIR set by the user is left as it is."""
-  import jax
   choice = str(config.get("compilation_cache") or os.environ.get("BERTJAX_COMPILATION_CACHE", ""))
   if choice.lower() in ("off", "none", "false", "0"):
     return None
   if not choice and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
   if not choice:
-    from bertjax.data.corpus import default_cache_dir
     choice = os.path.join(config.data.get("cache_dir") or default_cache_dir(), "xla_compilation_cache")
   jax.config.update("jax_compilation_cache_dir", choice)
   logging.info("XLA compilation cache: %s (compilation_cache='off' disables it)", choice)
@@ -120,10 +120,9 @@ def run():
   except UserError as e:
     _fail(str(e))
   except Exception as e:
-    from bertjax.train import resilience  # already imported when training ran
     if isinstance(e, resilience.Preempted):
       sys.exit(e.code)
-    if isinstance(e, resilience.Diverged):
+    if isinstance(e, Diverged):
       print(f"bertjax: error: {e}", file=sys.stderr)
       sys.exit(e.code)
     raise

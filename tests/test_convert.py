@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from bertjax.convert import commands, hf, hf_io
-from bertjax.convert.mapping import canonical_hf_state
+from bertjax.artifacts import hf_io
+from bertjax.convert import commands, hf
+from bertjax.artifacts.mapping import canonical_hf_state
 from bertjax.errors import UserError
 
 torch = pytest.importorskip("torch", reason="HF interop tests need torch (pip install 'bertjax[test]')")

@@ -125,7 +125,7 @@ def test_init_from_minilm(cache_dir, tmp_path):
   """The encoder starts as MiniLM's weights; the 2-way classifier is freshly initialised."""
   from safetensors.numpy import load_file
 
-  from bertjax.convert.mapping import flatten, hf_key
+  from bertjax.artifacts.mapping import flatten, hf_key
   from bertjax.train.trainer import Trainer
   folder = minilm_dir()
   c = tiny_config("sst2", glue_dir(), cache_dir, "")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bertjax.convert.mapping import to_hf_state
+from bertjax.artifacts.mapping import to_hf_state
 from bertjax.errors import UserError
 from bertjax.models.bert import BertConfig, PRESETS
 from bertjax.models.heads import HEADS, BertForPreTraining

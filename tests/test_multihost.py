@@ -138,7 +138,8 @@ def test_two_processes_train_resume_and_load_hf_like_one(hf_folder, small_corpus
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from bertjax.convert import hf, place
+  from bertjax.artifacts import place
+  from bertjax.convert import hf
   replicated = NamedSharding(jax.make_mesh((8,), ("x",)), P())
   template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           hf.abstract_params(hf.read_config(hf_folder), "pretraining"))

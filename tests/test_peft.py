@@ -66,7 +66,7 @@ def _tiny_model(rngs_seed=0):
 
 def test_fresh_adapters_and_lora_leave_outputs_unchanged():
   from bertjax.peft import adapters
-  from bertjax.peft.base import peft_config
+  from bertjax.artifacts.load import peft_config
   cfg, model = _tiny_model()
   ids = jnp.asarray(np.random.RandomState(0).randint(1, 50, (3, 12)))
   before, hidden = np.asarray(model(ids)), np.asarray(model.bert(ids)[0])
@@ -185,7 +185,7 @@ def test_lora_checkpoint_base_and_hf_peft_round_trip(sst2_64, cache_dir, base, t
 @pytest.mark.slow
 def test_adapter_checkpoint_is_not_exported_to_hf(sst2_64, cache_dir, base, tmp_path):
   from bertjax.convert import commands
-  from bertjax.peft.base import build_model
+  from bertjax.artifacts.factory import model_from_meta
   from bertjax.train import checkpoint
   from bertjax.train.trainer import Trainer, train_and_evaluate
   c = _config(sst2_64, cache_dir, base, "adapter", adapter_size=8)
@@ -194,7 +194,7 @@ def test_adapter_checkpoint_is_not_exported_to_hf(sst2_64, cache_dir, base, tmp_
   result = train_and_evaluate(c, str(wd))
   params, meta = checkpoint.load_params(str(wd))
   # The merged params (base + trained leaves) rebuild the adapter model and reproduce the run's dev accuracy.
-  model = build_model(meta, params)
+  model = model_from_meta(meta, params, dtype="float32")
   trainer = Trainer(c, str(tmp_path / "other"))
   trainer.task.prepare()
   batches = trainer.task.eval_batches()

@@ -180,7 +180,7 @@ def test_errors(tmp_path, capsys):
 
 def test_bucket_widths():
   """Batches pad to the smallest prediction width that holds their longest row, never past the model's length."""
-  from bertjax import predict
-  assert [predict.bucket_length(n, 64) for n in (1, 16, 17, 25, 33, 49, 64)] == [16, 16, 24, 32, 48, 64, 64]
-  assert [predict.bucket_length(n, 48) for n in (40, 48)] == [48, 48]
-  assert predict.bucket_length(130, 512) == 192 and predict.bucket_length(200, 128) == 128
+  from bertjax.deploy import predictor
+  assert [predictor.bucket_length(n, 64) for n in (1, 16, 17, 25, 33, 49, 64)] == [16, 16, 24, 32, 48, 64, 64]
+  assert [predictor.bucket_length(n, 48) for n in (40, 48)] == [48, 48]
+  assert predictor.bucket_length(130, 512) == 192 and predictor.bucket_length(200, 128) == 128

@@ -161,7 +161,8 @@ def test_prune_cli_predict_and_to_hf_parity(workdir, tmp_path):
   full_params, full_meta = checkpoint.load_params(str(workdir))
   ref = masked(hf.build_model(hf.config_from_meta(full_meta), "sequence_classification", 2, full_params), kept, 4)
   p = predict.Predictor.from_checkpoint(str(out), batch_size=4)
-  feats = predict.glue.encode_pairs(p.tokenizer, SENTENCES, None, p.max_seq_length)
+  from bertjax.data import glue
+  feats = glue.encode_pairs(p.tokenizer, SENTENCES, None, p.max_seq_length)
   want = np.asarray(ref(feats["input_ids"], feats["token_type_ids"], feats["attention_mask"]))
   got = np.stack(p.run(feats))
   assert np.abs(got - want).max() <= 1e-5

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bertjax.convert.mapping import canonical_hf_state, from_hf_state, to_hf_state
+from bertjax.artifacts.mapping import canonical_hf_state, from_hf_state, to_hf_state
 from bertjax.errors import UserError
 from bertjax.models.bert import BertConfig, BertModel
 

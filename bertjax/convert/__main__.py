@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from bertjax.convert import commands
+from bertjax.convert.verify import ParityError
 from bertjax.errors import UserError
 
 
@@ -16,14 +18,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-  from bertjax.convert.commands import HEAD_CHOICES
   p = _Parser(prog="python -m bertjax.convert",
               description="Convert between Hugging Face BERT folders and bertjax checkpoints.")
   sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
   a = sub.add_parser("from_hf", help="Hugging Face BERT folder or hub name -> bertjax checkpoint")
   a.add_argument("--hf", required=True, help="HF model folder or hub name (e.g. bert-base-uncased)")
   a.add_argument("--out", required=True, help="bertjax workdir to write (checkpoints/0, tokenizer/)")
-  a.add_argument("--head", default="auto", choices=HEAD_CHOICES, metavar="|".join(HEAD_CHOICES))
+  a.add_argument("--head", default="auto", choices=commands.HEAD_CHOICES, metavar="|".join(commands.HEAD_CHOICES))
   a.add_argument("--num_labels", type=int, default=None, help="classifier size (default: from the source)")
   a.add_argument("--seed", type=int, default=0, help="seed for heads initialised fresh")
   a.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -42,11 +43,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  from bertjax.convert.verify import ParityError
   log = lambda line: print(line, flush=True)
   try:
     args = parser().parse_args(argv)
-    from bertjax.convert import commands
     if args.command == "from_hf" and args.peft:
       commands.from_hf_peft(args.peft, args.hf, args.out, args.overwrite, log=log)
     elif args.command == "from_hf":

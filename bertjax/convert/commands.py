@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from bertjax.convert import hf, hf_io
-from bertjax.convert.mapping import HF_ARCHITECTURE, to_hf_state
+from bertjax.artifacts import checkpoint, factory, hf_io, load, weights
+from bertjax.artifacts.mapping import HF_ARCHITECTURE, to_hf_state
+from bertjax.convert import peft_hf, verify as parity
 from bertjax.errors import UserError
-
-if TYPE_CHECKING:
-  from bertjax.models.bert import BertConfig
+from bertjax.models.bert import BertConfig
 
 HEAD_CHOICES = ("auto", *HF_ARCHITECTURE)
-NOT_HF_FIELDS = ("dtype", "heads_per_layer", *hf.COMPUTE_FIELDS)  # not transformers' architecture
+NOT_HF_FIELDS = ("dtype", "heads_per_layer", *factory.COMPUTE_FIELDS)  # not transformers' architecture
 Log = Callable[[str], None]
 
 
@@ -84,7 +85,7 @@ def from_hf(src: str, out: str, head: str = "auto", num_labels: int | None = Non
     raise UserError(f"--head={head} is unknown; choose one of {', '.join(HEAD_CHOICES)}")
   if num_labels is not None and num_labels < 1:
     raise UserError(f"--num_labels={num_labels} must be >= 1")
-  if num_labels is not None and head not in ("auto", *hf.CLASSIFIER_HEADS):
+  if num_labels is not None and head not in ("auto", *factory.CLASSIFIER_HEADS):
     raise UserError(f"--num_labels applies to --head=sequence_classification or token_classification, not {head}")
   with atomic_dir(out, overwrite) as tmp:
     folder = hf_io.resolve_source(src)
@@ -94,14 +95,14 @@ def from_hf(src: str, out: str, head: str = "auto", num_labels: int | None = Non
     cfg = hf_io.bert_config(hf_cfg, os.path.join(folder, hf_io.CONFIG_FILE))
     log(f"read {len(state)} tensors from {os.path.join(folder, weights_file)}")
     if head == "auto":
-      head = hf.detect_head(hf_cfg, state)
+      head = weights.detect_head(hf_cfg, state)
       why = f"architectures {hf_cfg['architectures']}" if hf_cfg.get("architectures") else "the keys present"
       log(f"head: {head} (auto, from {why})")
-    if num_labels is not None and head not in hf.CLASSIFIER_HEADS:
+    if num_labels is not None and head not in factory.CLASSIFIER_HEADS:
       raise UserError(f"--num_labels needs a classification head but the source is {head}; pass "
                       "--head=sequence_classification or --head=token_classification")
-    n, names = _num_labels(hf_cfg, state, num_labels) if head in hf.CLASSIFIER_HEADS else (None, None)
-    params, report = hf.init_params(hf.abstract_params(cfg, head, n), state, head, seed=seed,
+    n, names = _num_labels(hf_cfg, state, num_labels) if head in factory.CLASSIFIER_HEADS else (None, None)
+    params, report = weights.init_params(factory.abstract_params(cfg, head, n), state, head, seed=seed,
                                     initializer_range=cfg.initializer_range)
     for line in report.lines():
       log(line)
@@ -117,7 +118,6 @@ def from_hf(src: str, out: str, head: str = "auto", num_labels: int | None = Non
       _check_vocab(info, cfg, log)
     else:
       log(f"WARNING: no vocab.txt/tokenizer.json in {folder}; {out}/tokenizer not written")
-    from bertjax.train import checkpoint
     checkpoint.save_params(tmp, 0, params, checkpoint.model_meta(cfg, head, **extra))
   step_dir = os.path.join(os.path.abspath(out), checkpoint.CHECKPOINT_SUBDIR, "0")
   log(f"wrote {step_dir}")
@@ -127,8 +127,6 @@ def from_hf(src: str, out: str, head: str = "auto", num_labels: int | None = Non
 def from_hf_peft(adapter_dir: str, base: str, out: str, overwrite: bool = False, log: Log = print) -> str:
   """HF peft LoRA folder + its HF base -> bertjax workdir `out` holding a PEFT checkpoint (step 0) that references
   the base, plus the base's tokenizer. Returns the step dir."""
-  from bertjax.convert import peft_hf
-  from bertjax.train import checkpoint
   with atomic_dir(out, overwrite) as tmp:
     folder = hf_io.resolve_source(base)
     trained, meta = peft_hf.import_folder(adapter_dir, folder, tmp, log)
@@ -157,7 +155,7 @@ def hf_config(cfg: BertConfig, head: str, num_labels: int | None, label_names: l
                          "position_embedding_type": "absolute", "classifier_dropout": None, "is_decoder": False,
                          "add_cross_attention": False, "use_cache": True, "tie_word_embeddings": True,
                          "dtype": "float32"}
-  if head in hf.CLASSIFIER_HEADS:
+  if head in factory.CLASSIFIER_HEADS:
     names = label_names if label_names and len(label_names) == num_labels else [
         f"LABEL_{i}" for i in range(num_labels or 2)]
     out["id2label"] = {str(i): n for i, n in enumerate(names)}
@@ -180,14 +178,11 @@ def _export_tokenizer(step_dir: str, out: str, cfg: BertConfig, log: Log) -> Non
 
 def _to_hf_peft(step_dir: str, tmp: str, verify: bool | None, atol: float, log: Log) -> dict[str, float]:
   """A LoRA checkpoint -> HF peft adapter folder (+ tokenizer), checked against peft on transformers."""
-  from bertjax.convert import peft_hf, verify as parity
-  from bertjax.peft import base as pbase
-  from bertjax.train import checkpoint
-  trained, meta = checkpoint.load_params(step_dir, merge=False)
+  trained, meta = load.load_params(step_dir, merge=False)
   peft_hf.check_exportable(meta, step_dir)
-  merged = pbase.merged(trained, meta, step_dir)  # also checks that the base is still the one trained on
+  merged = load.merged(trained, meta, step_dir)  # also checks that the base is still the one trained on
   base = peft_hf.write(tmp, trained, meta, step_dir, log)
-  _export_tokenizer(step_dir, tmp, pbase.model_config(meta), log)
+  _export_tokenizer(step_dir, tmp, factory.config_from_meta(meta, dtype="float32"), log)
   if verify is False or (verify is None and not parity.torch_available()):
     log("parity check skipped" + ("" if verify is False else " (torch/transformers not installed)"))
     return {}
@@ -204,8 +199,6 @@ def to_hf(checkpoint_path: str, out: str, verify: bool | None = None, atol: floa
   verify: None = check parity when torch + transformers import, True = require it, False = skip.
   peft: a LoRA checkpoint as an HF peft adapter folder instead (without it LoRA is exported merged).
   """
-  from bertjax.convert import verify as parity
-  from bertjax.train import checkpoint
   if verify and not parity.torch_available():
     raise UserError("--verify needs torch and transformers; pip install 'bertjax[hf]' or pass --no-verify")
   with atomic_dir(out, overwrite) as tmp:
@@ -223,7 +216,6 @@ def full_shape(params: dict, cfg: BertConfig, kept_heads: list | None) -> tuple[
   rows. An unpruned model is returned as it is."""
   if cfg.heads_per_layer is None:
     return params, cfg
-  import copy
   out = copy.deepcopy(params)
   bert = out["bert"] if "bert" in out else out
   for i, n in enumerate(cfg.heads_per_layer):
@@ -244,31 +236,28 @@ def full_shape(params: dict, cfg: BertConfig, kept_heads: list | None) -> tuple[
 
 def _to_hf_full(step_dir: str, tmp: str, verify: bool | None, atol: float, log: Log) -> dict[str, float]:
   """The whole model (LoRA merged) as a transformers folder, checked against transformers."""
-  from bertjax.convert import verify as parity
-  from bertjax.train import checkpoint
   if (checkpoint.read_meta(step_dir).get("peft") or {}).get("method") == "adapter":  # before reading the base
     raise UserError(f"checkpoint {step_dir} holds Houlsby adapters, which cannot be merged into BERT's weights "
                     "and have no HF peft type; they load only in bertjax, from the workdir")
-  params, meta = checkpoint.load_params(step_dir)
+  params, meta = load.load_params(step_dir)
   head = meta.get("head")
   if head not in HF_ARCHITECTURE:
     raise UserError(f"checkpoint {step_dir} has head={head!r}; to_hf exports {', '.join(HF_ARCHITECTURE)}")
   if not isinstance(meta.get("model_config"), dict):
     raise UserError(f"checkpoint {step_dir} has no model_config in its meta; it was not written by bertjax")
-  cfg = hf.config_from_meta(meta, dtype="float32")
+  cfg = factory.config_from_meta(meta, dtype="float32")
   full_params, full_cfg = full_shape(params, cfg, (meta.get("pruning") or {}).get("kept_heads"))
   if full_cfg is not cfg:
     log(f"pruned model ({list(cfg.heads_per_layer)} heads per layer): exported at full shape with the removed "
         "heads' weights zeroed (transformers 5 has no pruned_heads)")
   num_labels = None
-  if head in hf.CLASSIFIER_HEADS:
+  if head in factory.CLASSIFIER_HEADS:
     num_labels = int(np.shape(params["classifier"]["kernel"])[1])
     if meta.get("num_labels") not in (None, num_labels):
       log(f"WARNING: meta num_labels={meta['num_labels']} but the classifier has {num_labels} outputs; using "
           f"{num_labels}")
   with open(os.path.join(tmp, "config.json"), "w") as f:
     json.dump(hf_config(full_cfg, head, num_labels, meta.get("label_names"), meta.get("problem_type")), f, indent=2)
-  from safetensors.numpy import save_file
   state = to_hf_state(full_params)
   save_file({k: v.astype(np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
             metadata={"format": "pt"})

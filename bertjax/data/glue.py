@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import tokenizers
 
@@ -179,7 +180,6 @@ def read_split(data_dir: str | Path, task: str, split: str) -> list[Example]:
 
 def load_hub_split(task: str, split: str) -> list[Example]:
   """Loads a split of `nyu-mll/glue` from the Hugging Face hub (needs network or a cache)."""
-  import datasets  # pylint: disable=g-import-not-at-top
 
   t = get_task(task)
   _check_split(t, split)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 
 from bertjax.data.glue import as_tokenizer, special_ids
@@ -77,7 +78,6 @@ def read_squad(path: str | Path) -> list[SquadExample]:
 
 def load_hub_split(name: str, split: str) -> list[SquadExample]:
   """Loads "squad" or "squad_v2" ("train" or "validation"/"dev") from the Hugging Face hub."""
-  import datasets  # pylint: disable=g-import-not-at-top
 
   if name not in ("squad", "squad_v2"):
     raise UserError(f"unknown SQuAD dataset '{name}'; expected 'squad' or 'squad_v2'")

@@ -118,6 +118,7 @@ def _cudnn(q, k, v, key_mask, segment_ids):
 
 
 def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+  # TPU kernel tooling (Pallas TPU ops), imported only when a TPU run picks splash attention
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   block = next(b for b in (512, 256, 128) if seq_len % b == 0)

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from bertjax.artifacts import checkpoint
 from bertjax.data import classify as data, glue, loader, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForSequenceClassification
@@ -87,7 +88,6 @@ class ClassificationTask(Task):
 
   def _resume_labels(self, names: list[str]) -> list[str]:
     """A resumed run keeps the checkpoint's label order; other classes in the training data are refused."""
-    from bertjax.train import checkpoint
     old = checkpoint.latest_meta(self.workdir)
     if old.get("task") != self.name or "label_names" not in old:
       return names

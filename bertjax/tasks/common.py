@@ -10,9 +10,9 @@ import zipfile
 from typing import Any, Callable
 
 import numpy as np
-
 from ml_collections import ConfigDict
 
+from bertjax.artifacts.factory import pretrained_model_config, pretrained_tokenizer_dir
 from bertjax.data import tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models import attention
@@ -78,32 +78,6 @@ def model_config(config: ConfigDict, vocab_size: int, tokenizer: Any = None) -> 
   attention.choose(cfg.attention, dtype=cfg.compute_dtype, dropout=cfg.attention_probs_dropout_prob,
                    seq_len=config.data.max_seq_length, head_dim=cfg.hidden_size // cfg.num_attention_heads)
   return cfg
-
-
-def pretrained_model_config(config: ConfigDict) -> dict | None:
-  """The architecture dict of `init_checkpoint` (bertjax) or `init_from_hf` (HF folder / hub name)."""
-  from bertjax.convert import hf
-  if config.get("init_checkpoint"):
-    from bertjax.train import checkpoint
-    cfg = hf.config_from_meta(checkpoint.read_meta(checkpoint.resolve_step_dir(config.init_checkpoint)))
-  elif config.get("init_from_hf"):
-    cfg = hf.read_config(config.init_from_hf)
-  else:
-    return None
-  return {k: v for k, v in cfg.__dict__.items() if k not in _RUN_FIELDS}
-
-
-def pretrained_tokenizer_dir(config: ConfigDict) -> str | None:
-  """The tokenizer folder that comes with `init_checkpoint` / `init_from_hf`, if any."""
-  if config.get("init_checkpoint"):
-    from bertjax.train import checkpoint
-    step_dir = checkpoint.resolve_step_dir(config.init_checkpoint)
-    folder = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "tokenizer")
-    return folder if os.path.isdir(folder) else None
-  if config.get("init_from_hf"):
-    from bertjax.convert import hf
-    return hf.tokenizer_dir(config.init_from_hf)
-  return None
 
 
 def cached_arrays(cache_dir: str, kind: str, key: str, build: Callable[[], dict]) -> dict[str, np.ndarray]:

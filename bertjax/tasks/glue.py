@@ -23,6 +23,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from bertjax import paths
+from bertjax.artifacts import checkpoint
 from bertjax.data import corpus, glue, loader, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForSequenceClassification
@@ -88,7 +89,6 @@ class GlueTask(Task):
 
   def _check_resume(self) -> None:
     """Refuse a workdir whose checkpoint holds another GLUE task's classifier (before writing anything)."""
-    from bertjax.train import checkpoint
     meta = checkpoint.latest_meta(self.workdir)
     old = (meta.get("glue_task"), meta.get("num_labels"))
     if meta.get("task") == self.name and old != (self.spec.name, self.num_labels):

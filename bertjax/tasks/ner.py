@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any, Callable, Mapping
 
+import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from bertjax import paths
+from bertjax.artifacts import checkpoint
 from bertjax.data import corpus, loader, ner, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForTokenClassification
@@ -117,7 +119,6 @@ class NerTask(Task):
 
   def _resume_labels(self, labels: list[str]) -> list[str]:
     """A resumed run keeps the checkpoint's label order; a training file with other tags is refused."""
-    from bertjax.train import checkpoint
     old = checkpoint.latest_meta(self.workdir).get("label_names")
     if not old:
       return labels
@@ -237,7 +238,6 @@ class NerTask(Task):
 
 def _hub_sentences(name: str, split: str) -> list[ner.NerSentence]:
   """A CoNLL-2003-layout hub dataset (tokens, ner_tags as ClassLabel) -> sentences (needs network/cache)."""
-  import datasets
   try:
     ds = datasets.load_dataset(name, split="validation" if split == "dev" else split)
   except Exception as e:  # network, unknown dataset, offline cache miss

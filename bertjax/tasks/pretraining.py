@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tokenizers import Tokenizer
 
+from bertjax.artifacts import factory
 from bertjax.data import cache, corpus, loader, pretraining as pt, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForPreTraining
@@ -72,7 +74,7 @@ class PretrainingTask(Task):
 
   def _find_or_train_tokenizer(self, train_docs) -> tuple[Any, str]:
     d = self.config.data
-    tok, source = toklib.for_run(self.workdir, lambda: d.tokenizer or common.pretrained_tokenizer_dir(self.config),
+    tok, source = toklib.for_run(self.workdir, lambda: d.tokenizer or factory.pretrained_tokenizer_dir(self.config),
                                  d.lowercase)
     if tok is not None:
       return tok, source
@@ -250,7 +252,6 @@ def one_vocabulary(tok: Tokenizer) -> Tokenizer:
   different token ids."""
   if jax.process_count() == 1:
     return tok
-  from jax.experimental import multihost_utils
   data = np.frombuffer(tok.to_str().encode(), np.uint8)
   n = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
   buf = np.zeros(n, np.uint8)

@@ -21,6 +21,8 @@ import time
 from typing import Mapping
 
 import jax
+from tqdm import tqdm as tqdm_console
+from tqdm.notebook import tqdm as tqdm_notebook
 
 from bertjax.errors import UserError
 from bertjax.train import metrics as mlib
@@ -122,9 +124,9 @@ class ProgressBar:
 
   def __init__(self, total: int, initial: int, stream=None):
     if in_notebook() and importlib.util.find_spec("ipywidgets") is not None:
-      from tqdm.notebook import tqdm
+      tqdm = tqdm_notebook
     else:
-      from tqdm import tqdm
+      tqdm = tqdm_console
     stream = sys.stderr if stream is None else stream
     sized = _columns(stream) > 0  # a terminal of width 0 (some ptys): tqdm would draw nothing
     self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=sized,

@@ -8,6 +8,7 @@ Exit codes (`bertjax.main` turns these exceptions into them):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -18,13 +19,12 @@ from typing import Any, Mapping
 
 import jax
 import optax
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from bertjax import paths
-from bertjax.errors import UserError
+from bertjax.errors import Diverged, UserError
 from bertjax.train import optim
-
-DIVERGED_EXIT_CODE = 3
 
 
 class Preempted(Exception):
@@ -33,11 +33,6 @@ class Preempted(Exception):
   def __init__(self, message: str, code: int):
     super().__init__(message)
     self.code = code
-
-
-class Diverged(Exception):
-  """Training stopped after `training.max_consecutive_skips` consecutive non-finite steps."""
-  code = DIVERGED_EXIT_CODE
 
 
 # -- preemption ----------------------------------------------------------------------------------------------
@@ -74,7 +69,6 @@ class PreemptionWatcher:
   def should_stop(self, step: int) -> bool:
     """True when training must save `step` and exit (the same answer on every process)."""
     if self.multihost:
-      from jax.experimental import multihost_utils
       try:
         if multihost_utils.reached_preemption_sync_point(step):
           self.signum = self.signum or signal.SIGTERM
@@ -136,7 +130,6 @@ class WorkdirLock:
   def __enter__(self) -> "WorkdirLock":
     if not paths.is_local(self.workdir) or jax.process_index() > 0:
       return self
-    import fcntl
     fd = os.open(paths.resolve(self.workdir), os.O_RDONLY)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,16 +16,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from clu import parameter_overview
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from bertjax import paths, tasks
+from bertjax.artifacts import checkpoint, factory, place
 from bertjax.data.loader import prefetch
 from bertjax.errors import UserError
-from bertjax.peft import adapters as peft_adapters, core as peft
+from bertjax.peft import core as peft
 from bertjax.tasks import common
 from bertjax.tasks.base import Task
-from bertjax.train import checkpoint, metrics as mlib, optim, progress, resilience, sharding, writers
+from bertjax.train import metrics as mlib, optim, progress, resilience, sharding, writers
 
 
 @dataclasses.dataclass
@@ -109,11 +113,7 @@ class Trainer:
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     """The task's model, with bottleneck adapters attached when peft.method=adapter."""
-    model = self.task.build_model(rngs)
-    p = self.config.get("peft")
-    if p is not None and p.get("method") == "adapter":
-      peft_adapters.attach(model, self.task.model_config, int(p.adapter_size), float(p.get("dropout", 0.0)), rngs)
-    return model
+    return factory.attach_adapters(self.task.build_model(rngs), self.task.model_config, self.config.get("peft"), rngs)
 
   def init_state(self) -> TrainState:
     """Fresh parameters (or those of init_checkpoint / init_from_hf) and optimizer state, sharded at creation."""
@@ -178,7 +178,6 @@ class Trainer:
     cfg = self.config
     if not (cfg.get("init_checkpoint") or cfg.get("init_from_hf")):
       return params
-    from bertjax.convert import place
     if cfg.get("init_checkpoint"):
       params, report = place.from_checkpoint(params, cfg.init_checkpoint)
       source = cfg.init_checkpoint
@@ -273,7 +272,6 @@ class Trainer:
 
   def predict(self, params, batches) -> list[dict[str, np.ndarray]]:
     """Run the task's predict_step over host batches; outputs come back as host numpy (all processes)."""
-    from jax.experimental import multihost_utils
     out = []
     for b in batches:
       o = self.predict_step(params, self.put_batch(b, train=False))
@@ -333,7 +331,6 @@ class Trainer:
 
   def restore_best(self):
     """The best params (sharded like the live ones) for predictions after training."""
-    import orbax.checkpoint as ocp
     mngr = self._best_manager()
     step = mngr.latest_step()
     r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(self.abstract_params)))
@@ -423,7 +420,7 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
 
   writer = writers.create(workdir, config, just_logging=jax.process_index() > 0)
   if state.step == 0 and jax.process_index() == 0:
-    from clu import parameter_overview  # shapes, sizes and shardings from array metadata: nothing leaves the devices
+    # shapes, sizes and shardings from array metadata: nothing leaves the devices
     logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params,
                                                                                     include_stats="sharding"))
     writer.write_hparams(_flat(config.to_dict()))

@@ -17,6 +17,11 @@ import struct
 import time
 from typing import Any, Mapping, Protocol
 
+from tensorboardX import record_writer
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboardX.summary import hparams as hparams_summaries
+
 from bertjax import paths
 from bertjax.errors import UserError
 
@@ -76,8 +81,6 @@ class TensorBoardWriter:
   tensorboardX's queued FileWriter does not wait for its queue on flush."""
 
   def __init__(self, logdir: str, flush_secs: float = 30.0):
-    from tensorboardX import record_writer
-    from tensorboardX.event_file_writer import EventsWriter
     logdir = paths.resolve(logdir)
     if paths.is_url(logdir):  # tensorboardX's own gs:// / s3:// writers need extra packages; use etils.epath
       record_writer.register_writer_factory(logdir.split(":", 1)[0], _UrlFactory())
@@ -87,13 +90,11 @@ class TensorBoardWriter:
     self._flushed = time.monotonic()
 
   def _add(self, summary, step: int = 0) -> None:
-    from tensorboardX.proto import event_pb2
     self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
     if time.monotonic() - self._flushed > self.flush_secs:
       self.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
     meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
     values = [summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor_pb2.TensorProto(
         dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(), float_val=[float(v)]))
@@ -101,7 +102,6 @@ class TensorBoardWriter:
     self._add(summary_pb2.Summary(value=values), step)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    from tensorboardX.summary import hparams as hparams_summaries
     for summary in hparams_summaries(dict(hparams), {}):
       self._add(summary)
 
@@ -115,7 +115,7 @@ class TensorBoardWriter:
 
 def _import_wandb():
   try:
-    import wandb
+    import wandb  # optional: only with config.wandb.enabled
   except ImportError:
     raise UserError("config.wandb.enabled=True needs the wandb package: pip install wandb "
                     "(or drop --config.wandb.enabled)") from None
@@ -168,7 +168,6 @@ class MultiWriter:
 def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
   """{tag: {step: value}} of every scalar in the event files directly in `logdir` (records are parsed with
   tensorboardX's protobufs; CRCs are not checked; a record still being written at the end is skipped)."""
-  from tensorboardX.proto import event_pb2
   out: dict[str, dict[int, float]] = {}
   for name in sorted(paths.listdir(logdir)):
     if ".tfevents." not in name:

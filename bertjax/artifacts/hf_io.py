@@ -7,15 +7,15 @@ import os
 import re
 import shutil
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ml_dtypes
 import numpy as np
+from huggingface_hub import snapshot_download
+from tokenizers import BertWordPieceTokenizer
 
 from bertjax.errors import UserError
-
-if TYPE_CHECKING:  # importing the model pulls in jax; error paths stay fast without it
-  from bertjax.models.bert import BertConfig
+from bertjax.models.bert import BertConfig
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -39,11 +39,6 @@ def resolve_source(name_or_path: str) -> str:
     raise UserError(f"{name_or_path} is a file; pass the HF model folder that holds config.json")
   if not _HUB_ID.match(name_or_path):
     raise UserError(f"{name_or_path} is neither a folder nor a Hugging Face Hub model name (org/name)")
-  try:
-    from huggingface_hub import snapshot_download
-  except ImportError:
-    raise UserError(f"{name_or_path} is not a local folder and huggingface_hub is not installed; "
-                    "pip install huggingface_hub, or pass a local folder") from None
   try:
     # safetensors first; the pickle only when a repo has no safetensors (never both, never other variants)
     folder = snapshot_download(name_or_path, allow_patterns=_HUB_CONFIG + [
@@ -95,7 +90,6 @@ def read_hf_config(folder: str) -> dict:
 
 def bert_config(hf: dict, path: str = CONFIG_FILE) -> BertConfig:
   """A checked HF config dict -> bertjax BertConfig (missing fields take transformers' defaults)."""
-  from bertjax.models.bert import BertConfig
   fields = {k: hf[k] for k in _CONFIG_FIELDS if hf.get(k) is not None}
   try:
     return BertConfig(hidden_act=_ACTIVATIONS[hf.get("hidden_act", "gelu")], **fields)
@@ -139,7 +133,7 @@ def read_safetensors(path: str, lazy: bool = False) -> dict[str, np.ndarray]:
 
 def _torch_load(path: str) -> dict[str, np.ndarray]:
   try:
-    import torch
+    import torch  # optional [hf] extra, imported only where used
   except ImportError:
     raise UserError(f"{path} is a PyTorch pickle and torch is not installed; pip install 'bertjax[hf]' or "
                     "provide model.safetensors") from None
@@ -243,7 +237,6 @@ def export_tokenizer(src: str, dst: str, model_max_length: int | None = None) ->
     built.append("vocab.txt")
   lower = do_lower_case(dst)
   if "tokenizer.json" not in copied:
-    from tokenizers import BertWordPieceTokenizer
     BertWordPieceTokenizer(os.path.join(dst, "vocab.txt"), lowercase=lower).save(os.path.join(dst, "tokenizer.json"))
     built.append("tokenizer.json")
   cfg = _load_json(os.path.join(dst, "tokenizer_config.json"))

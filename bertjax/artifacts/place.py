@@ -3,7 +3,7 @@
     params = jax.jit(init, out_shardings=shardings)()          # fresh, sharded (any head)
     params, report = place.from_hf(params, "bert-base-uncased")  # or place.from_checkpoint(params, workdir)
 
-The same policy and load report as `hf.init_params` / `hf.init_from_checkpoint` (fresh heads, re-initialised task
+The same policy and load report as `weights.init_params` / `load.init_from_checkpoint` (fresh heads, re-initialised task
 layers, unused keys); fresh keys keep the given params. An HF tensor becomes a global array through
 `jax.make_array_from_callback`, whose callback reads only the slice of the memory-mapped safetensors file that
 one local device holds (`pytorch_model.bin` pickles are read whole); a bertjax checkpoint is restored by orbax
@@ -17,31 +17,33 @@ import os
 from typing import Any, Mapping
 
 import jax
+import orbax.checkpoint as ocp
 
-from bertjax.convert import hf, hf_io
-from bertjax.convert.mapping import flatten, unflatten
+from bertjax.artifacts import checkpoint, hf_io, load, weights
+from bertjax.artifacts.mapping import flatten, unflatten
+from bertjax.models.bert import BertConfig
 
 
-def _assemble(template: Mapping[Any, Any], plan: Mapping[tuple, Any], bare: bool, load) -> dict:
-  out = {path: (cur if plan[path] is None else load(path, cur)) for path, cur in flatten(template).items()}
+def _assemble(template: Mapping[Any, Any], plan: Mapping[tuple, Any], bare: bool, fetch) -> dict:
+  out = {path: (cur if plan[path] is None else fetch(path, cur)) for path, cur in flatten(template).items()}
   tree = unflatten(out)
   return tree["bert"] if bare else tree
 
 
-def from_hf(params: Mapping[Any, Any], name_or_path: str, head: str | None = None) -> tuple[dict, hf.LoadReport]:
+def from_hf(params: Mapping[Any, Any], name_or_path: str, head: str | None = None) -> tuple[dict, weights.LoadReport]:
   """`params` (sharded jax arrays) with every tensor of the HF folder / hub model that fits placed into it."""
   folder = hf_io.resolve_source(name_or_path)
   hf_io.read_config(folder)  # the same checks as init_from_hf
   state, _ = hf_io.read_weights(folder, lazy=True)
-  template, bare, state, by_path, notes = hf._hf_source(params, state)
-  plan, report, used = hf._plan(template, by_path, "the HF weights", True, head)
-  hf._hf_report(report, state, used, notes)
+  template, bare, state, by_path, notes = weights.hf_source(params, state)
+  plan, report, used = weights.plan_loading(template, by_path, "the HF weights", True, head)
+  weights.hf_report(report, state, used, notes)
 
-  def load(path, cur):
-    read = functools.partial(hf._read, plan[path], path, True, cur.dtype)
+  def fetch(path, cur):
+    read = functools.partial(weights.read_leaf, plan[path], path, True, cur.dtype)
     return jax.make_array_from_callback(cur.shape, cur.sharding, read)
 
-  return _assemble(template, plan, bare, load), report
+  return _assemble(template, plan, bare, fetch), report
 
 
 def _str_keys(path: tuple) -> tuple:
@@ -49,33 +51,30 @@ def _str_keys(path: tuple) -> tuple:
 
 
 def from_checkpoint(params: Mapping[Any, Any], step_dir_or_workdir: str,
-                    cfg: hf.BertConfig | None = None) -> tuple[dict, hf.LoadReport]:
+                    cfg: BertConfig | None = None) -> tuple[dict, weights.LoadReport]:
   """`params` (sharded jax arrays) with the matching tensors of a bertjax checkpoint restored onto their
   shardings; only those tensors are read. A PEFT checkpoint stores only its trained leaves: it is merged onto
   its base on the host (`load_params`) and each process places its slices of the result."""
-  import orbax.checkpoint as ocp
-
-  from bertjax.train import checkpoint
   step_dir = checkpoint.resolve_step_dir(step_dir_or_workdir)
   meta = checkpoint.read_meta(step_dir)
-  hf.check_architecture(step_dir, meta, cfg)
+  weights.check_architecture(step_dir, meta, cfg)
   if meta.get("peft"):
-    merged, _ = checkpoint.load_params(step_dir)
+    merged, _ = load.load_params(step_dir)
     source = flatten(merged)
-    template, bare = hf._wrap(params)
-    plan, report, used = hf._plan(template, source, f"checkpoint {step_dir}", False, None)
-    hf.checkpoint_report(report, step_dir, meta, source, used)
+    template, bare = weights.wrap(params)
+    plan, report, used = weights.plan_loading(template, source, f"checkpoint {step_dir}", False, None)
+    weights.checkpoint_report(report, step_dir, meta, source, used)
     return _assemble(template, plan, bare, lambda path, cur: jax.make_array_from_callback(
-        cur.shape, cur.sharding, functools.partial(hf._read, plan[path], path, False, cur.dtype))), report
+        cur.shape, cur.sharding, functools.partial(weights.read_leaf, plan[path], path, False, cur.dtype))), report
   params_dir = os.path.join(step_dir, "params")
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.metadata(params_dir).item_metadata.tree
     source = {tuple(int(p) if p.isdigit() else p for p in path): v for path, v in flatten(tree).items()}
-    template, bare = hf._wrap(params)
-    plan, report, used = hf._plan(template, source, f"checkpoint {step_dir}", False, None)
+    template, bare = weights.wrap(params)
+    plan, report, used = weights.plan_loading(template, source, f"checkpoint {step_dir}", False, None)
     item = unflatten({_str_keys(path): jax.ShapeDtypeStruct(cur.shape, cur.dtype, sharding=cur.sharding)
                       for path, cur in flatten(template).items() if plan[path] is not None})
     restored = flatten(ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-  hf.checkpoint_report(report, step_dir, meta, source, used)
+  weights.checkpoint_report(report, step_dir, meta, source, used)
   return _assemble(template, plan, bare, lambda path, cur: restored[_str_keys(path)]), report

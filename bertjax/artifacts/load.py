@@ -1,9 +1,11 @@
-"""PEFT checkpoints without a model: the config they record, the base they reference, merged params.
+"""Checkpoints read into full model params: `load_params`, PEFT checkpoints merged onto their base.
 
 A PEFT checkpoint's `params` hold only the trained leaves; `meta.peft` records the method, its settings and the
 base (`init_from_hf` / `init_checkpoint` path and the frozen tree's fingerprint). `merged(params, meta)` reloads the
 base, checks the fingerprint (a moved or changed base is one UserError line), and returns the model's full params
-(LoRA merged into the kernels; adapter leaves kept, so an adapter model needs `build_model` below).
+(LoRA merged into the kernels; adapter leaves kept, so an adapter model needs `factory.model_from_meta`).
+A base may itself be a bertjax checkpoint, so `load_params`, `merged` and `init_from_checkpoint` call each other:
+they live in this one module.
 """
 
 from __future__ import annotations
@@ -12,11 +14,46 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from flax import nnx
 from ml_collections import ConfigDict
 
 from bertjax import paths
+from bertjax.artifacts import checkpoint, factory, weights
+from bertjax.artifacts.mapping import flatten
 from bertjax.errors import UserError
+from bertjax.models.bert import BertConfig
 from bertjax.peft import core
+
+
+def load_params(path: str, merge: bool = True) -> tuple[dict, dict]:
+  """(params as numpy pure dict, meta) from a workdir or step folder, with no model needed.
+
+  A PEFT checkpoint (`meta.peft`) stores only its trained leaves: with `merge` they are put onto the base it
+  references (checked by fingerprint) and LoRA is merged, so the result is the model's full params; adapter
+  models keep their `adapter` leaves (build them with `factory.model_from_meta`)."""
+  step_dir = checkpoint.resolve_step_dir(path)
+  params, meta = checkpoint.read_params(step_dir), checkpoint.read_meta(step_dir)
+  if merge and meta.get("peft"):
+    params = merged(params, meta, step_dir)
+  return params, meta
+
+
+def init_from_checkpoint(template_params: Mapping[Any, Any], step_dir_or_workdir: str,
+                         cfg: BertConfig | None = None, *, seed: int = 0) -> tuple[dict, weights.LoadReport]:
+  """Fill `template_params` from a bertjax checkpoint: the encoder plus any head with the same paths/shapes.
+
+  With `cfg`, the checkpoint's architecture (`meta.model_config`) must match it (dropout/dtype may differ).
+  Fresh keys follow `init_params`' rules.
+  """
+  src, meta = load_params(step_dir_or_workdir)
+  step_dir = checkpoint.resolve_step_dir(step_dir_or_workdir)
+  saved = weights.check_architecture(step_dir, meta, cfg)
+  template, bare = weights.wrap(template_params)
+  source = flatten(src)
+  init_range = (cfg.initializer_range if cfg else saved.get("initializer_range", 0.02))
+  params, report, used = weights.fill(template, source, f"checkpoint {step_dir}", False, None, seed, init_range)
+  weights.checkpoint_report(report, step_dir, meta, source, used)
+  return (params["bert"] if bare else params), report
 
 
 def peft_config(p: Mapping[str, Any]) -> ConfigDict:
@@ -27,29 +64,8 @@ def peft_config(p: Mapping[str, Any]) -> ConfigDict:
                      "modules_to_save": list(p.get("modules_to_save", []))})
 
 
-def model_config(meta: Mapping[str, Any]):
-  from bertjax.convert import hf
-  return hf.config_from_meta(meta, dtype="float32")
-
-
-def num_labels(params: Mapping[str, Any], head: str) -> int | None:
-  if head in ("sequence_classification", "token_classification") and "classifier" in params:
-    return int(np.shape(params["classifier"]["kernel"])[1])
-  return None
-
-
-def build_model(meta: Mapping[str, Any], params: Mapping[str, Any] | None = None, n_labels: int | None = None):
-  """The NNX model of a (PEFT) checkpoint: its head, adapters attached for peft.method=adapter, filled with
-  `params` (full, e.g. from `merged`) when given."""
-  from bertjax.convert import hf
-  head = meta["head"]
-  n = n_labels if n_labels is not None else (num_labels(params, head) if params is not None else None)
-  return hf.build_model(model_config(meta), head, n, params, adapter_size=hf.adapter_size(meta))
-
-
 def base_params(meta: Mapping[str, Any], template: Mapping[str, Any], where: str) -> dict:
   """The full params the referenced base gives `template` (numpy), as the trainer built them."""
-  from bertjax.convert import hf
   base, head = (meta.get("peft") or {}).get("base") or {}, meta["head"]
   src = base.get("init_from_hf") or base.get("init_checkpoint")
   if not src:
@@ -61,17 +77,17 @@ def base_params(meta: Mapping[str, Any], template: Mapping[str, Any], where: str
                     "(or copy it there) to load the checkpoint")
   seed = int(base.get("seed", 0))
   if base.get("init_from_hf"):
-    full, _ = hf.init_from_hf(template, src, head, seed=seed)
+    full, _ = weights.init_from_hf(template, src, head, seed=seed)
   else:
-    full, _ = hf.init_from_checkpoint(template, src, model_config(meta), seed=seed)
+    full, _ = init_from_checkpoint(template, src, factory.config_from_meta(meta, dtype="float32"), seed=seed)
   return jax.tree_util.tree_map(np.asarray, full)
 
 
 def merged(params: Mapping[str, Any], meta: Mapping[str, Any], where: str = "") -> dict:
   """Full model params (numpy) of a PEFT checkpoint's trained leaves `params` on its base."""
-  from flax import nnx
   p = meta["peft"]
-  model = nnx.eval_shape(lambda: build_model(meta, n_labels=num_labels(params, meta["head"])))
+  model = nnx.eval_shape(lambda: factory.model_from_meta(meta, n_labels=factory.num_labels(params, meta["head"]),
+                                                         dtype="float32"))
   template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   split = core.Split(peft_config(p), template, meta["head"])
   full = base_params(meta, template, where)
