@@ -1,6 +1,7 @@
 """`bertjax.quantize` (qwix PTQ): int8 kernels absmax-rounded, predictions close, predict and export take it."""
 
 import json
+import os
 
 import numpy as np
 
@@ -55,3 +56,27 @@ def test_quantize_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
   assert not (tmp_path / "o").exists()
+
+
+def test_output_folders_need_overwrite_and_inputs_are_checked_before_the_model_loads(tmp_path, capsys):
+  """export / quantize refuse a non-empty --out (one line, nothing touched) unless --overwrite, which replaces it;
+  predict rejects an empty input before it reads the checkpoint; usage errors name the command as invoked."""
+  from bertjax import export, predict, quantize
+  wd, _ = make_checkpoint(tmp_path / "wd", "sequence_classification", ["a", "b"])
+  for command, extra in ((quantize, []), (export, ["--platforms=cpu"])):
+    out = tmp_path / f"out_{command.__name__.rsplit('.', 1)[-1]}"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    assert command.main([f"--checkpoint={wd}", f"--out={out}", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass a new folder or --overwrite" in err[0] and os.listdir(out) == ["old.txt"], err
+    assert command.main([f"--checkpoint={wd}", f"--out={out}", "--overwrite", *extra]) == 0
+    assert "old.txt" not in os.listdir(out) and len(os.listdir(out)) >= 2
+    capsys.readouterr()
+  (tmp_path / "empty.tsv").write_text("text\n")
+  assert predict.main([f"--checkpoint={tmp_path / 'no_such_run'}", f"--input={tmp_path / 'empty.tsv'}",
+                       f"--output={tmp_path / 'o.jsonl'}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "has no rows (only a header?)" in err[0], err
+  assert predict.main(["--checkpoint=x"]) == 2
+  assert "see `python -m bertjax.predict --help`" in capsys.readouterr().err

@@ -48,9 +48,9 @@ def add_out(p: argparse.ArgumentParser, what: str) -> None:
 def check_out(out: str, overwrite: bool) -> None:
   """Refuse an --out that holds anything (one line), unless --overwrite; checked before anything is loaded."""
   if os.path.exists(out) and not os.path.isdir(out):
-    raise UserError(f"--out={out} is a file; pass a folder")
+    raise UserError(f"--out={out} exists and is not an empty folder but a file; pass a folder")
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
-    raise UserError(f"--out={out} is not empty; pass a new folder or --overwrite")
+    raise UserError(f"--out={out} exists and is not an empty folder; pass a new folder or --overwrite")
 
 
 def clear_out(out: str) -> None:

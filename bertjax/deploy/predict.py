@@ -13,7 +13,7 @@ from typing import Iterable
 
 from bertjax.deploy.cli import Parser, prog, run_cli
 from bertjax.deploy.loading import load
-from bertjax.deploy.predictor import Predictor, predict_file
+from bertjax.deploy.predictor import Predictor, predict_file, read_input
 from bertjax.errors import UserError
 
 __all__ = ["Predictor", "load", "main", "parser"]
@@ -42,9 +42,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.batch_size < 1:
       raise UserError(f"--batch_size={a.batch_size} must be >= 1")
+    rows = read_input(a.input)  # a missing, empty or malformed input fails before the model loads
     predictor = load(a.checkpoint, max_seq_length=a.max_seq_length, tokenizer=a.tokenizer, batch_size=a.batch_size,
                      doc_stride=a.doc_stride)
-    n = predict_file(predictor, a.input, a.output, a.text_field, a.text_pair_field, a.progress)
+    n = predict_file(predictor, a.input, a.output, a.text_field, a.text_pair_field, a.progress, rows=rows)
     print(f"wrote {n} predictions ({predictor.head}, {predictor.source}) to {a.output}", file=sys.stderr)
 
   return run_cli("bertjax.predict", run)

@@ -369,12 +369,19 @@ def _cell(v: Any) -> str:
   return s.replace("\t", " ").replace("\n", " ")
 
 
-def predict_file(predictor: Predictor, input_path: str, output_path: str, text_field: str | None = None,
-                 text_pair_field: str | None = None, progress: bool = True) -> int:
-  """Predict every row of `input_path` into `output_path`; returns the row count."""
+def read_input(input_path: str) -> tuple[list[dict[str, Any]], list[str]]:
+  """`read_rows` of a prediction input, refusing one without rows (checked before any model is loaded)."""
   rows, cols = read_rows(input_path)
   if not rows:
-    raise UserError(f"input file {input_path} has no rows")
+    raise UserError(f"input file {input_path} has no rows (only a header?); give at least one text")
+  return rows, cols
+
+
+def predict_file(predictor: Predictor, input_path: str, output_path: str, text_field: str | None = None,
+                 text_pair_field: str | None = None, progress: bool = True,
+                 rows: tuple[list[dict[str, Any]], list[str]] | None = None) -> int:
+  """Predict every row of `input_path` (or its already read `rows`) into `output_path`; returns the row count."""
+  rows, cols = rows or read_input(input_path)
   qa = predictor.head == "question_answering"
   tf = pick_field(cols, text_field, ("question",) if qa else ("text", "sentence"), input_path, "--text_field")
   pf = (pick_field(cols, text_pair_field, ("context",) if qa else (), input_path, "--text_pair_field")
