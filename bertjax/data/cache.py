@@ -13,13 +13,15 @@ would cost a full read of the data on every start).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import uuid
-from typing import Callable
+from typing import Callable, Iterator
 
+import multiprocess
 import numpy as np
 
 
@@ -88,3 +90,21 @@ def publish_folder(tmp: str, folder: str, readable: Callable[[], bool]) -> None:
   except OSError:  # yet another process published meanwhile
     shutil.rmtree(tmp, ignore_errors=True)
   shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def spawned_workers(num_proc: int | None) -> Iterator[None]:
+  """Inside the block, `datasets.map(num_proc=N)` starts its workers with spawn instead of fork.
+
+  A process whose JAX runtime is up runs threads; forking it can deadlock the child (JAX warns on every fork), and
+  the trainer has JAX up before it prepares data. Spawned workers import what they need afresh. The start method
+  is restored afterwards; with one process (num_proc <= 1) nothing changes."""
+  if not num_proc or num_proc <= 1:
+    yield
+    return
+  before = multiprocess.get_start_method(allow_none=True)
+  multiprocess.set_start_method("spawn", force=True)
+  try:
+    yield
+  finally:
+    multiprocess.set_start_method(before, force=True)

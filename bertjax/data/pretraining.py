@@ -77,11 +77,12 @@ def tokenize_documents(docs: datasets.Dataset, tok: Tokenizer, tok_fingerprint: 
                                 "word_starts": datasets.Sequence(datasets.Sequence(datasets.Value("bool")))})
   kwargs = dict(batched=True, batch_size=64, num_proc=num_proc, remove_columns=docs.column_names,
                 features=features, new_fingerprint=fp, desc="tokenizing")
-  try:
-    return docs.map(encode, **kwargs)
-  except (pa.ArrowInvalid, OSError) as e:  # a truncated/corrupt cache file; `encode` raises neither
-    logging.warning("tokenized-documents cache of %s is unreadable (%s); rebuilding it", fp, e)
-    return docs.map(encode, load_from_cache_file=False, **kwargs)
+  with cache.spawned_workers(num_proc):
+    try:
+      return docs.map(encode, **kwargs)
+    except (pa.ArrowInvalid, OSError) as e:  # a truncated/corrupt cache file; `encode` raises neither
+      logging.warning("tokenized-documents cache of %s is unreadable (%s); rebuilding it", fp, e)
+      return docs.map(encode, load_from_cache_file=False, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +123,9 @@ def create_pairs(tokenized: datasets.Dataset, cls_id: int, sep_id: int, cfg: Pai
     shards = datasets.Dataset.from_dict({"shard": list(range(n_shards))})
     workers = min(num_proc, n_shards) if num_proc and num_proc > 1 and n_shards > 1 else None
     args = dict(tokenized=tokenized, bounds=bounds, cls_id=cls_id, sep_id=sep_id, cfg=cfg, folder=tmp)
-    shards.map(_pair_shard, batched=True, batch_size=1, num_proc=workers, fn_kwargs=args, keep_in_memory=True,
-               load_from_cache_file=False, new_fingerprint=f"{key.hexdigest()[:16]}-shards", desc="pairing")
+    with cache.spawned_workers(workers):
+      shards.map(_pair_shard, batched=True, batch_size=1, num_proc=workers, fn_kwargs=args, keep_in_memory=True,
+                 load_from_cache_file=False, new_fingerprint=f"{key.hexdigest()[:16]}-shards", desc="pairing")
     rows = 0
     for col in PAIR_COLUMNS:
       parts = [os.path.join(tmp, f"{col}.{s:06d}.npy") for s in range(n_shards)]
