@@ -174,6 +174,10 @@ class PretrainingTask(Task):
       out[f"mlm_loss_{name}"] = (jnp.sum(xent * wk), jnp.sum(wk))
     return loss, out
 
+  def loss_weights(self, batch):
+    """Masked tokens weigh the MLM loss and pairs the NSP loss (the two denominators of `loss_fn`)."""
+    return {"mlm_loss": jnp.sum(batch["masked_weights"]), "nsp_loss": jnp.sum(batch["nsp_weights"])}
+
   # -- outputs --------------------------------------------------------------------------------------------
   def save_assets(self, workdir: str) -> None:
     toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)

@@ -202,17 +202,7 @@ class Trainer:
       if accum == 1:
         (_, m), grads = grad_fn(params, frozen, batch, key)
       else:
-        def micro(carry, xs):
-          g_acc, m_acc = carry
-          mb, k = xs
-          (_, m), g = grad_fn(params, frozen, mb, k)
-          return (jax.tree_util.tree_map(jnp.add, g_acc, g),
-                  jax.tree_util.tree_map(jnp.add, m_acc, m)), None
-        zeros_g = jax.tree_util.tree_map(jnp.zeros_like, params)
-        _, m_shape = jax.eval_shape(loss_on, params, frozen, jax.tree_util.tree_map(lambda x: x[0], batch), key)
-        zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-        (grads, m), _ = jax.lax.scan(micro, (zeros_g, zeros_m), (batch, jax.random.split(key, accum)))
-        grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+        grads, m = accumulate(loss_on, task.loss_weights, params, frozen, batch, jax.random.split(key, accum))
       updates, new_opt = tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       m = dict(m)
@@ -524,6 +514,47 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
       checkpoint_dir=ckpt_dir, checkpoint_steps=kept, best_dir=paths.join(workdir, "best") if has_best else None,
       metrics_file=metrics_file))
   return final
+
+
+def accumulate(loss_on, loss_weights, params, frozen, batch, keys):
+  """Gradient and metrics of the big batch `batch` ([accum, micro, ...] arrays) from its micro-batches in turn.
+
+  The big-batch loss is a sum of terms `total / weight` (a term's total and weight are summed over all its rows),
+  so each micro-batch's gradient is that of its term totals divided by the WHOLE step's weights, and the summed
+  gradients are the big-batch gradient (as MaxText's gradient_accumulation.py does), not an average of micro-batch
+  means. The weights come from `task.loss_weights` (computed from the batch alone, before the scan), or, where it
+  returns None, from the count of the "loss" metric (then the summed gradient of its totals is divided at the end).
+  """
+  weights = jax.vmap(loss_weights)(batch)
+  if weights is not None:
+    inv = {k: 1.0 / jnp.maximum(jnp.sum(w), 1e-9) for k, w in weights.items()}  # a zero weight has a zero total
+
+  def objective(p, mb, k):
+    _, m = loss_on(p, frozen, mb, k)
+    if weights is None:
+      return m["loss"][0], m
+    return sum(m[name][0] * scale for name, scale in inv.items()), m
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def micro(carry, xs):
+    g_acc, m_acc, obj_acc = carry
+    (obj, m), g = grad_fn(params, *xs)
+    return (jax.tree_util.tree_map(jnp.add, g_acc, g), jax.tree_util.tree_map(jnp.add, m_acc, m), obj_acc + obj), None
+
+  first = jax.tree_util.tree_map(lambda x: x[0], batch)
+  m_shape = jax.eval_shape(lambda: objective(params, first, keys[0])[1])
+  zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),
+           jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape), jnp.zeros((), jnp.float32))
+  (grads, m, obj), _ = jax.lax.scan(micro, zeros, (batch, keys))
+  m = dict(m)
+  if weights is None:
+    n = m["loss"][1]
+    grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(n, 1e-9), grads)
+    obj = obj / jnp.maximum(n, 1e-9)
+  if "loss" in m:  # the big batch's loss, with the weight the metric sums over steps (1 a micro-batch, or its count)
+    m["loss"] = (obj * m["loss"][1], m["loss"][1])
+  return grads, m
 
 
 def serial_collectives(mesh) -> bool:
