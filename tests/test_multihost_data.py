@@ -94,6 +94,31 @@ def test_each_process_draws_and_masks_only_its_rows(count):
   assert parts == [(8 // count, drawn // count)] * count
 
 
+@pytest.mark.parametrize("count", [2, 4])
+def test_each_process_packs_only_its_rows(count):
+  """Packed pretraining rows (data.packing): the same global batches for any process count, and a process builds
+  only the packed rows it reads (before, every process packed the whole corpus)."""
+  data = pairs(n=120)
+  lengths = np.random.default_rng(1).integers(6, 16, 120)
+  data["input_ids"][np.arange(24)[None] >= lengths[:, None]] = 0
+  data["lengths"] = lengths.astype(np.int32)
+
+  def source(i, n):
+    packed = pt.PackedPairs(data, 3)
+    return packed, loader.BatchSource(packed, 8, 3, i, n, masker())
+
+  whole, one = source(0, 1)
+  parts = [source(i, count) for i in range(count)]
+  assert len(whole.lengths) < 60  # 120 pairs of 6-15 tokens in rows of 24: about 2 a row
+  for step in (0, 3):
+    ref = one.batch(step)
+    got = concat([s.batch(step) for _, s in parts])
+    for k in ref:
+      np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{k} at step {step}")
+    assert (ref["nsp_weights"].sum(1) >= 2).any()  # rows really hold several pairs
+  assert whole.rows_built == 2 * 8 and [p.rows_built for p, _ in parts] == [2 * 8 // count] * count
+
+
 def test_row_random_numbers():
   """The counter-based stream: uniform floats and integers, fresh numbers per draw and per seed, a local draw
   equal to the rows of the global one, and scalars / other shapes the same on every process."""

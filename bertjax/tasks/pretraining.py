@@ -94,11 +94,12 @@ class PretrainingTask(Task):
     return toklib.load(cached), f"trained on the corpus ({d.vocab_size} requested)"
 
   def _rows(self, pairs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-    """The training rows: the pairs, or with `data.packing` several pairs per row (`pt.pack_pairs`)."""
+    """The training rows: the pairs, or with `data.packing` several pairs per row (`pt.PackedPairs`: each process
+    packs only the rows it reads)."""
     d = self.config.data
     if not d.get("packing", False):
       return pairs
-    packed = pt.pack_pairs(pairs, int(d.get("max_segments_per_row", 4)))
+    packed = pt.PackedPairs(pairs, int(d.get("max_segments_per_row", 4)))
     width = pairs["input_ids"].shape[1]
     logging.info("packing: %d pairs -> %d rows of %d tokens (at most %d pairs each); padding %.1f%% -> %.1f%%",
                  len(pairs["lengths"]), len(packed["lengths"]), width, packed["cls_positions"].shape[1],
