@@ -3,13 +3,13 @@
   python benchmarks/accelerator.py            # on a GPU / TPU machine: BERT-base, seq 128 and 512, bfloat16
   python benchmarks/accelerator.py --smoke    # a tiny CPU run (seconds) that the test suite runs
 
-Each row is one full training step (forward, backward, AdamW) of `BertForPreTraining` (MLM at 15% of the
-positions + NSP) on one device, attention dropout 0 (what lets the fused kernels run), hidden dropout 0.1.
+Each row is one full training step of the Trainer's own step function (`bertjax.train.step`: forward, backward,
+AdamW, divergence guard) with the pretraining task's loss (MLM at 15% of the positions + NSP) on one device, attention dropout 0 (what lets the fused kernels run), hidden dropout 0.1.
 MFU = model FLOP/s over the chip's peak dense bf16 FLOP/s (a table by `device_kind`) and over a large bf16 matmul
 measured in this run. Model FLOPs per sequence: 6 * N * T (N = encoder parameters without the embeddings)
 + 12 * L * d * T^2 (attention scores and values, forward + backward) + 6 * P * (d^2 + d * V) (the MLM head at P
 masked positions). The smoke mode runs float32 and reports MFU against the measured float32 matmul only.
-It imports only jax, flax, optax, numpy and bertjax's model modules (a lent machine may have nothing else)
+It imports only jax, flax, optax, numpy and bertjax modules made of those (a lent machine may have nothing else)
 and starts no new row after `--budget_s`, so that it ends in under 5 minutes.
 """
 
@@ -28,9 +28,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bertjax.data.loader import packed_inputs  # noqa: E402  (numpy only)
 from bertjax.models.bert import BertConfig  # noqa: E402
 from bertjax.models.heads import BertForPreTraining  # noqa: E402
+from bertjax.tasks import losses  # noqa: E402  (jax, optax and the numpy-only loader)
+from bertjax.tasks.losses import pretraining_weights  # noqa: E402
+from bertjax.train.step import make_train_step  # noqa: E402  (jax, optax, flax: the Trainer's step)
 
 # Peak dense bfloat16 TFLOP/s per chip (vendor data sheets, without sparsity), matched as substrings of
 # `device_kind`, most specific first.
@@ -77,51 +79,44 @@ def make_batch(cfg: BertConfig, b: int, t: int, p: int, seed: int = 0, lengths=N
                   + [0] * (p - min(p, n - 1)) for n in lengths]).astype(np.int32)
   batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": real.astype(np.int32),
            "masked_positions": pos, "masked_labels": np.take_along_axis(ids, pos, 1),
-           "nsp_labels": r.randint(0, 2, (b,)).astype(np.int32)}
+           "masked_weights": (np.arange(p)[None] < np.minimum(p, lengths - 1)[:, None]).astype(np.float32),
+           "nsp_labels": r.randint(0, 2, (b,)).astype(np.int32), "nsp_weights": np.ones(b, np.float32)}
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 def train_step_fn(cfg: BertConfig, batch: dict):
-  """(run one step, compile seconds, non-embedding parameter count) for a jitted AdamW step; each call of the
-  first dispatches one step on `batch` (a new dropout key each time) and returns its loss. A packed batch
-  (`segment_ids`, `position_ids`, `cls_positions`, `nsp_weights` [B, k]) runs the model's packed path."""
+  """(run one step, compile seconds, non-embedding parameter count) for the Trainer's own train step
+  (`bertjax.train.step.make_train_step`: gradient, AdamW update, divergence guard, metrics) on the pretraining
+  task's own loss (`bertjax.tasks.losses.pretraining`), jitted for one device; each call of the first dispatches
+  one step on `batch` (a new dropout key each time) and returns its loss. A packed batch (`segment_ids`,
+  `position_ids`, `cls_positions`, `nsp_weights` [B, k]) runs the model's packed path."""
   model = BertForPreTraining(cfg, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
-  tx = optax.adamw(1e-4, weight_decay=0.01)
+  lr = 1e-4
+  tx = optax.adamw(lr, weight_decay=0.01)
   opt = tx.init(params)
-
-  def loss_fn(p, b, key):
-    mlm, nsp = nnx.merge(graphdef, p)(b["input_ids"], b["token_type_ids"], b["attention_mask"],
-                                      b["masked_positions"], deterministic=False, rngs=nnx.Rngs(dropout=key),
-                                      **packed_inputs(b))
-    nsp_xent = optax.softmax_cross_entropy_with_integer_labels(nsp, b["nsp_labels"])
-    if "nsp_weights" in b:  # packed rows: one NSP label per used slot
-      nsp_loss = jnp.sum(nsp_xent * b["nsp_weights"]) / jnp.maximum(jnp.sum(b["nsp_weights"]), 1.0)
-    else:
-      nsp_loss = nsp_xent.mean()
-    return optax.softmax_cross_entropy_with_integer_labels(mlm, b["masked_labels"]).mean() + nsp_loss
-
-  def step(p, o, b, key):
-    loss, g = jax.value_and_grad(loss_fn)(p, b, key)
-    u, o = tx.update(g, o, p)
-    return optax.apply_updates(p, u), o, loss
-
-  key = jax.random.key(0)
+  step = make_train_step(graphdef, lambda p, frozen: p, pretraining_loss, pretraining_weights, tx,
+                         optax.constant_schedule(lr), accum=1)
+  rng = jax.random.key_data(jax.random.key(0))
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, batch, key).compile()
+  compiled = jax.jit(step, donate_argnums=(0, 2)).lower(params, {}, opt, batch, np.int32(0), rng).compile()
   compile_s = time.perf_counter() - t0
   n = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
           if "embeddings" not in jax.tree_util.keystr(path) and "'bert'" in jax.tree_util.keystr(path))
   state = {"params": params, "opt": opt, "i": 0}
 
   def run_one() -> jax.Array:
-    state["params"], state["opt"], loss = compiled(state["params"], state["opt"], batch,
-                                                   jax.random.fold_in(key, state["i"]))
+    state["params"], state["opt"], m = compiled(state["params"], {}, state["opt"], batch, np.int32(state["i"]), rng)
     state["i"] += 1
-    return loss  # not waited for: steps queue up on the device
+    total, count = m["loss"]
+    return total / count  # not waited for: steps queue up on the device
 
   return run_one, compile_s, n
+
+
+def pretraining_loss(model, batch, rngs, deterministic):
+  return losses.pretraining(model, batch, rngs, deterministic, {})  # no per-kind metrics: no masked_kinds
 
 
 def finite(loss: jax.Array) -> float:

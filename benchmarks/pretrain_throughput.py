@@ -73,16 +73,17 @@ def packed_batch(cfg: BertConfig, pairs: dict, b: int, p: int, k: int, seed: int
   real = seg > 0
   ids = np.where(real, r.randint(5, cfg.vocab_size, seg.shape), 0).astype(np.int32)
   cls = packed["cls_positions"][rows]
-  pos = []
+  pos, weights = [], []
   for i in range(b):
     cand = np.setdiff1d(np.flatnonzero(real[i]), cls[i])
     pick = np.sort(r.choice(cand, min(p, len(cand)), replace=False))
     pos.append(np.concatenate([pick, np.zeros(p - len(pick), np.int64)]))
+    weights.append(np.arange(p) < len(pick))
   pos = np.stack(pos).astype(np.int32)
   batch = {"input_ids": ids, "token_type_ids": packed["token_type_ids"][rows], "attention_mask": real.astype(np.int32),
            "masked_positions": pos, "masked_labels": np.take_along_axis(ids, pos, 1),
-           "segment_ids": seg, "position_ids": packed["position_ids"][rows], "cls_positions": cls,
-           "nsp_labels": packed["nsp_labels"][rows], "nsp_weights": packed["nsp_slots"][rows]}
+           "masked_weights": np.stack(weights).astype(np.float32), "segment_ids": seg, "position_ids": packed["position_ids"][rows], "cls_positions": cls,
+           "nsp_labels": packed["nsp_labels"][rows], "nsp_weights": packed["nsp_slots"][rows].astype(np.float32)}
   return {key: jnp.asarray(v) for key, v in batch.items()}
 
 

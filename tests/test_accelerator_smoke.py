@@ -32,3 +32,17 @@ def test_accelerator_smoke_runs_on_cpu_with_only_jax_flax_optax_numpy():
   compile_s, ms, seq_s, mfu = (float(g.replace(",", "")) for g in row.groups())
   assert ms > 0 and abs(seq_s - 4 / (ms / 1e3)) <= 0.02 * seq_s + 0.1  # seq/s = batch / step time
   assert 0 < mfu < 100  # a real fraction of the measured matmul rate
+
+
+def test_the_benchmark_times_the_trainers_step():
+  """No copy of the step: the benchmark and the Trainer both build it with bertjax.train.step.make_train_step,
+  and the benchmark's loss is the pretraining task's (bertjax.tasks.losses)."""
+  def source(*parts):
+    with open(os.path.join(ROOT, *parts)) as f:
+      return f.read()
+
+  bench, trainer = source("benchmarks", "accelerator.py"), source("bertjax", "train", "trainer.py")
+  assert "make_train_step(" in bench and "step_lib.make_train_step(" in trainer
+  for own_copy in ("value_and_grad", "tx.update(", "apply_updates", "softmax_cross_entropy"):
+    assert own_copy not in bench and own_copy not in trainer, own_copy
+  assert "losses.pretraining(" in bench and "losses.pretraining(" in source("bertjax", "tasks", "pretraining.py")

@@ -48,6 +48,9 @@ CASES = {
                                "optimizer.learning_rate=-0.001 must be positive"),
     "short sequences": (["--config.data.max_seq_length=8"],
                         "data.max_seq_length=8 is too short for pretraining task; use at least 16"),
+    "float16 training": (["--config.model.dtype=float16"],
+                         "model.dtype=float16 is not supported for training (there is no loss scaling, so small "
+                         "gradients underflow to 0); use model.dtype=bfloat16"),
 }
 
 
@@ -97,7 +100,8 @@ def test_missing_config_file(workdir):
     ("optimizer.learning_rate", 0.0, "learning_rate=0.0 must be positive"),
     ("optimizer.learning_rate", float("nan"), "must be positive"),
     ("training.eval_batch_size", 0, "eval_batch_size=0 must be"),
-    ("data.max_seq_length", 15, "use at least 16")])
+    ("data.max_seq_length", 15, "use at least 16"),
+    ("model.dtype", "float16", "use model.dtype=bfloat16")])
 def test_check_config_rejects(field, value, expected):
   """The same checks in process (cheap): zero / NaN learning rate, empty eval batch, too-short pretraining pairs."""
   import sys
@@ -112,3 +116,16 @@ def test_check_config_rejects(field, value, expected):
   c[section][name] = value
   with pytest.raises(UserError, match=expected):
     common.check_config(c)
+
+
+def test_float16_only_for_inference():
+  """float16 trains without loss scaling, so training refuses it; evaluating (eval_only) in float16 is allowed."""
+  sys.path.insert(0, str(REPO))
+  from configs import mlm
+
+  from bertjax.tasks import common
+  c = mlm.get_config()
+  c.model.dtype, c.training.eval_only = "float16", True
+  common.check_config(c)
+  c.model.dtype, c.training.eval_only = "bfloat16", False
+  common.check_config(c)

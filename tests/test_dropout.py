@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bertjax.models.dropout import Dropout, keep_mask, threefry2x32
+from bertjax.models import dropout
+from bertjax.models.dropout import Dropout, element_counters, keep_mask, threefry2x32
 
 
 def test_threefry_matches_jax_bit_for_bit():
@@ -63,3 +64,44 @@ def test_other_key_implementations_take_nnx_path():
     ours = Dropout(0.3)(x, deterministic=False, rngs=key)
     ref = nnx.Dropout(0.3)(x, deterministic=False, rngs=key)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+
+
+def test_counters_are_64_bit_past_2_32_elements():
+  """Elements 2**32 apart (rows 0 and 1 of a (4, 2**30, 4) array: 2**34 elements, never allocated) get their own
+  counters and independent masks; with a 32-bit element count they had the same counter and the same mask."""
+  shape = (4, 2**30, 4)
+  j = jnp.arange(1024, dtype=jnp.uint32)[:, None] * 1_000_003 % 2**30
+  k = jnp.arange(4, dtype=jnp.uint32)[None, :]
+  (lo0, hi0), (lo1, hi1) = (element_counters(shape, (jnp.uint32(r), j, k)) for r in (0, 1))
+  np.testing.assert_array_equal(np.asarray(lo0), np.asarray(lo1))
+  assert (np.asarray(hi0) == 0).all() and (np.asarray(hi1) == 1).all()
+  m0, m1 = (np.asarray(keep_mask(jax.random.key(9), shape, 0.5, (jnp.uint32(r), j, k))) for r in (0, 1))
+  assert abs((m0 == m1).mean() - 0.5) < 5 * np.sqrt(0.25 / m0.size), (m0 == m1).mean()
+  # the two words are the exact 64-bit flat index, including carries out of the low word
+  r = np.random.RandomState(0)
+  shape = (3, 70_000, 50_000, 7)  # strides of 2**34.3 and 2**18.4: products and sums past 2**32
+  idx = [r.randint(0, n, 500, dtype=np.int64) for n in shape]
+  lo, hi = element_counters(shape, [jnp.asarray(i, jnp.uint32) for i in idx])
+  flat = sum(i.astype(object) * int(np.prod(shape[a + 1:], dtype=object)) for a, i in enumerate(idx))
+  np.testing.assert_array_equal(np.asarray(hi).astype(object) * 2**32 + np.asarray(lo), flat)
+
+
+def test_small_masks_are_unchanged():
+  """Below 2**32 elements the high word is 0: the masks of earlier versions (first word of threefry(i, 0))."""
+  shape, key = (8, 16, 32), jax.random.key(3)
+  i = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
+  k0, k1 = np.asarray(jax.random.key_data(key))
+  ref, _ = threefry2x32(jnp.uint32(k0), jnp.uint32(k1), jnp.asarray(i), jnp.zeros(shape, jnp.uint32))
+  np.testing.assert_array_equal(np.asarray(keep_mask(key, shape, 0.75)), np.asarray(ref) < np.uint32(0.75 * 2**32))
+
+
+def test_accelerators_use_partitionable_jax_random(monkeypatch):
+  """Off XLA:CPU, dropout is jax.random.bernoulli (64-bit, partitionable Threefry counters), as nnx.Dropout."""
+  assert jax.config.jax_threefry_partitionable  # the default of the installed jax
+  assert dropout.fused_here() == (jax.default_backend() == "cpu")
+  monkeypatch.setattr(dropout, "fused_here", lambda: False)
+  x = jnp.ones((4, 8, 16))
+  key = jax.random.key(11)
+  ours = Dropout(0.3)(x, deterministic=False, rngs=key)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(nnx.Dropout(0.3)(x, deterministic=False, rngs=key)))
+  assert (np.asarray(ours != 0) != np.asarray(keep_mask(key, x.shape, 0.7))).any()  # not the fused mask

@@ -4,8 +4,9 @@ The global batch at step `s` is a pure function of (seed, s): epoch `e` visits t
 (seeded by the seed and epoch only), and a per-batch transform (e.g. dynamic masking) gets a generator seeded
 by (seed, step). Each of `process_count` processes takes its contiguous slice of the global batch (rows
 `[i * B / P, (i + 1) * B / P)`), reads only those rows of `examples` (which may be lazily read arrays such as
-`np.memmap`) and transforms only them. The transform's per-row random numbers are drawn for the whole global
-batch and sliced (`SlicedGenerator`), so 2 processes see exactly the rows and the masking that 1 process sees.
+`np.memmap`) and transforms only them. The transform's per-row random numbers come from a counter-based stream
+addressed by global row (`RowRandom`): a process computes only its rows' numbers, and 2 processes see exactly
+the rows and the masking that 1 process sees.
 Resuming at step `s` reproduces the batches an uninterrupted run would have seen; the checkpoint only needs the
 step.
 
@@ -27,46 +28,71 @@ import numpy as np
 from bertjax.errors import UserError
 
 Batch = dict[str, np.ndarray]
-Transform = Callable[[Batch, np.random.Generator], Batch]
+Transform = Callable[[Batch, "RowRandom"], Batch]  # or a np.random.Generator (warm-up batches)
 # The 0 in the seeds below stood for the process index when every process drew its own stream; it stays so that
-# single-process runs reproduce the batches of earlier versions exactly.
+# the data order (the epoch permutations) is that of earlier versions.
 _LEGACY_PROCESS = 0
 
 
-class SlicedGenerator:
-  """A numpy Generator stand-in that draws per-row arrays for the global batch and returns this process's rows.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
-  A transform sees a local batch of `hi - lo` rows; a draw whose leading dimension is that row count is drawn
-  with the global row count instead and sliced to `[lo, hi)`, so every row's numbers are the same whichever
-  process transforms it. Other draws (scalars, other shapes) are global: identical on every process.
+
+def _mix64(x):
+  """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+  x = np.asarray(x, np.uint64)
+  with np.errstate(over="ignore"):
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+class RowRandom:
+  """A numpy Generator stand-in whose numbers are addressed by global row, so each process draws only its own.
+
+  A transform sees the local rows `[lo, hi)` of a global batch of `global_rows`. Its k-th draw is a counter-based
+  stream (SplitMix64 at position `flat index of the element in the global [global_rows, ...] draw`, keyed by the
+  seed words and k): a draw whose leading dimension is the local row count computes only the local rows'
+  numbers, so every row's numbers are the same whichever process transforms it, and a process's work is its
+  share of the batch. Other draws (scalars, other shapes) are computed whole: identical on every process.
+  `drawn` counts the numbers computed.
   """
 
-  def __init__(self, rng: np.random.Generator, global_rows: int, lo: int, hi: int):
-    self._rng, self._global, self._lo, self._hi = rng, global_rows, lo, hi
+  def __init__(self, seed_words, global_rows: int, lo: int, hi: int):
+    key = np.uint64(0)
+    with np.errstate(over="ignore"):
+      for w in seed_words:
+        key = _mix64(key ^ (np.uint64(int(w) % 2**64) + _GOLDEN))
+    self._key, self._global, self._lo, self._hi = key, global_rows, lo, hi
+    self._draws, self.drawn = 0, 0
 
-  def _draw(self, fn: Callable, size) -> np.ndarray:
+  def _uniform(self, size) -> np.ndarray:
+    """float64 in [0, 1) of `size`, 53 random bits each."""
     shape = (size,) if isinstance(size, (int, np.integer)) else tuple(size) if size is not None else ()
-    if shape and shape[0] == self._hi - self._lo:
-      return fn((self._global, *shape[1:]))[self._lo:self._hi]
-    return fn(size)
+    rest = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+    first = self._lo if shape and shape[0] == self._hi - self._lo else 0
+    n = int(np.prod(shape, dtype=np.int64))
+    with np.errstate(over="ignore"):
+      key = _mix64(self._key + np.uint64(self._draws + 1) * _GOLDEN)
+      counter = np.arange(first * rest, first * rest + n, dtype=np.uint64)
+      bits = _mix64(key + (counter + np.uint64(1)) * _GOLDEN)
+    self._draws += 1
+    self.drawn += n
+    return ((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53).reshape(shape)
 
   def random(self, size=None, dtype=np.float64):
-    return self._draw(lambda s: self._rng.random(s, dtype), size)
+    return self._uniform(size).astype(dtype)
 
   def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False):
-    return self._draw(lambda s: self._rng.integers(low, high, s, dtype, endpoint), size)
+    low, high = (0, low) if high is None else (low, high)
+    span = high - low + (1 if endpoint else 0)
+    return (low + np.floor(self._uniform(size) * span)).astype(dtype)
 
   def uniform(self, low=0.0, high=1.0, size=None):
-    return self._draw(lambda s: self._rng.uniform(low, high, s), size)
+    return low + (high - low) * self._uniform(size)
 
   def __getattr__(self, name):
-    raise AttributeError(f"SlicedGenerator has no {name!r}: a batch transform may draw only random / integers / "
+    raise AttributeError(f"RowRandom has no {name!r}: a batch transform may draw only random / integers / "
                          "uniform, so that its numbers do not depend on the process count")
-
-
-def _transform_rng(seed_seq: list[int], global_rows: int, lo: int, hi: int):
-  rng = np.random.default_rng(seed_seq)
-  return rng if (lo, hi) == (0, global_rows) else SlicedGenerator(rng, global_rows, lo, hi)
 
 
 def bucket_lengths(spec: str | Sequence[int] | None, max_len: int) -> tuple[int, ...]:
@@ -239,8 +265,7 @@ class BatchSource:
       n_rows = self.packer.rows_needed(self.global_indices(step), self.process_count)
       b = self.packer.pack(b, idx, n_rows, self.process_index)
     if self.transform is not None:
-      b = self.transform(b, _transform_rng([self.seed, step, _LEGACY_PROCESS, 1], self.global_batch, self.lo,
-                                           self.hi))
+      b = self.transform(b, RowRandom([self.seed, step, _LEGACY_PROCESS, 1], self.global_batch, self.lo, self.hi))
     return b
 
   def bucket_plan(self, start: int, stop: int) -> list[int]:
@@ -313,7 +338,7 @@ def eval_batches(examples: Batch, global_batch: int, transform: Transform | None
       every = np.where(np.arange(start, start + global_batch) < n, np.arange(start, start + global_batch), 0)
       b = packer.pack(b, idx, packer.rows_needed(every, process_count), process_index)
     if transform is not None:
-      b = transform(b, _transform_rng([seed, i, _LEGACY_PROCESS, 2], global_batch, lo, hi))
+      b = transform(b, RowRandom([seed, i, _LEGACY_PROCESS, 2], global_batch, lo, hi))
     out.append(b)
   return out
 

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 
 import datasets
 import numpy as np
@@ -264,31 +265,95 @@ def pack_pairs(pairs: dict[str, np.ndarray], max_segments: int) -> dict[str, np.
   (the column of each pair's [CLS]; 0 for an unused slot), `nsp_labels` [R, k], `nsp_slots` [R, k] (1.0 for a
   used slot), `pair_index` [R, k] (the pair's row in `pairs`, -1 unused) and `lengths` [R] (real tokens).
   """
-  if max_segments < 1:
-    raise UserError(f"data.max_segments_per_row={max_segments} must be at least 1")
-  L = pairs["input_ids"].shape[1]
-  lengths = np.asarray(pairs["lengths"], np.int64)
-  rows = loader.first_fit(lengths, L, max_segments)
-  R, k = len(rows), max_segments
-  out = {"input_ids": np.zeros((R, L), np.int32), "token_type_ids": np.zeros((R, L), np.int32),
-         "word_starts": np.zeros((R, L), bool), "segment_ids": np.zeros((R, L), np.int32),
-         "position_ids": np.zeros((R, L), np.int32), "cls_positions": np.zeros((R, k), np.int32),
-         "nsp_labels": np.zeros((R, k), np.int32), "nsp_slots": np.zeros((R, k), np.float32),
-         "pair_index": np.full((R, k), -1, np.int64), "lengths": np.zeros(R, np.int32)}
-  src = {c: np.asarray(pairs[c]) for c in ("input_ids", "token_type_ids", "word_starts", "nsp_labels")}
-  for r, members in enumerate(rows):
-    col = 0
-    for s, i in enumerate(members):
-      n = int(lengths[i])
-      for c in ("input_ids", "token_type_ids", "word_starts"):
-        out[c][r, col:col + n] = src[c][i, :n]
-      out["segment_ids"][r, col:col + n] = s + 1
-      out["position_ids"][r, col:col + n] = np.arange(n)
-      out["cls_positions"][r, s], out["nsp_labels"][r, s] = col, src["nsp_labels"][i]
-      out["nsp_slots"][r, s], out["pair_index"][r, s] = 1.0, i
-      col += n
-    out["lengths"][r] = col
-  return out
+  packed = PackedPairs(pairs, max_segments)
+  return packed.rows(np.arange(len(packed.lengths)))
+
+
+class PackedPairs(Mapping):
+  """`pack_pairs(pairs, max_segments)` as a mapping whose [R, ...] arrays are built only for the rows read:
+  `packed[key][idx]` packs the rows `idx` (a BatchSource reads each process's rows of each batch, so a process
+  packs only its own rows). The first-fit plan over all pair lengths (which pairs share a row, in pair order) is
+  made up front: it decides the rows, the same for every process count. `lengths` is a plain array."""
+
+  _KEYS = ("input_ids", "token_type_ids", "word_starts", "segment_ids", "position_ids", "cls_positions",
+           "nsp_labels", "nsp_slots", "pair_index", "lengths")
+
+  def __init__(self, pairs: Mapping[str, np.ndarray], max_segments: int):
+    if max_segments < 1:
+      raise UserError(f"data.max_segments_per_row={max_segments} must be at least 1")
+    self.pairs, self.k = pairs, max_segments
+    self.width = pairs["input_ids"].shape[1]
+    self.pair_lengths = pair_lengths = np.asarray(pairs["lengths"], np.int64)
+    plan = loader.first_fit(pair_lengths, self.width, max_segments)
+    self.pair_index = np.full((len(plan), max_segments), -1, np.int64)
+    for r, members in enumerate(plan):
+      self.pair_index[r, :len(members)] = members
+    self.lengths = np.where(self.pair_index >= 0, pair_lengths[self.pair_index], 0).sum(1).astype(np.int32)
+    self.rows_built = 0  # rows materialised so far (host work)
+    self._last: tuple[bytes, dict] | None = None
+
+  def rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The packed rows `idx`, all arrays."""
+    idx = np.asarray(idx, np.int64)
+    if self._last is not None and self._last[0] == idx.tobytes():
+      return self._last[1]
+    L, k, R = self.width, self.k, len(idx)
+    members = self.pair_index[idx]
+    used = np.unique(members[members >= 0])  # read each pair once, in file order (cheap on memmaps)
+    src = {c: np.asarray(self.pairs[c][used]) for c in ("input_ids", "token_type_ids", "word_starts", "nsp_labels")}
+    at = {int(i): j for j, i in enumerate(used)}
+    out = {"input_ids": np.zeros((R, L), np.int32), "token_type_ids": np.zeros((R, L), np.int32),
+           "word_starts": np.zeros((R, L), bool), "segment_ids": np.zeros((R, L), np.int32),
+           "position_ids": np.zeros((R, L), np.int32), "cls_positions": np.zeros((R, k), np.int32),
+           "nsp_labels": np.zeros((R, k), np.int32), "nsp_slots": np.zeros((R, k), np.float32),
+           "pair_index": members.copy(), "lengths": self.lengths[idx]}
+    for r in range(R):
+      col = 0
+      for s, i in enumerate(members[r]):
+        if i < 0:
+          break
+        j, n = at[int(i)], int(self.pair_lengths[i])
+        for c in ("input_ids", "token_type_ids", "word_starts"):
+          out[c][r, col:col + n] = src[c][j, :n]
+        out["segment_ids"][r, col:col + n] = s + 1
+        out["position_ids"][r, col:col + n] = np.arange(n)
+        out["cls_positions"][r, s], out["nsp_labels"][r, s] = col, src["nsp_labels"][j]
+        out["nsp_slots"][r, s] = 1.0
+        col += n
+    self.rows_built += R
+    self._last = (idx.tobytes(), out)
+    return out
+
+  def __getitem__(self, key: str):
+    if key == "lengths":
+      return self.lengths
+    if key not in self._KEYS:
+      raise KeyError(key)
+    return _PackedColumn(self, key)
+
+  def __iter__(self):
+    return iter(self._KEYS)
+
+  def __len__(self) -> int:
+    return len(self._KEYS)
+
+
+class _PackedColumn:
+  """One array of a `PackedPairs`, built on indexing (`column[idx]`); shape and dtype as `pack_pairs` gives."""
+
+  _DTYPES = {"word_starts": np.dtype(bool), "nsp_slots": np.dtype(np.float32), "pair_index": np.dtype(np.int64)}
+
+  def __init__(self, packed: PackedPairs, key: str):
+    self.packed, self.key = packed, key
+    per_slot = key in ("cls_positions", "nsp_labels", "nsp_slots", "pair_index")
+    self.shape = (len(packed.lengths), packed.k if per_slot else packed.width)
+    self.dtype = self._DTYPES.get(key, np.dtype(np.int32))
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, idx) -> np.ndarray:
+    return self.packed.rows(idx)[self.key]
 
 
 def padding_share(lengths: np.ndarray, width: int) -> float:

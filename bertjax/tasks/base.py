@@ -82,6 +82,14 @@ class Task(abc.ABC):
     """(`predicts` tasks) Eval metrics from the host outputs of `predict_step` over all of `eval_batches()`."""
     raise NotImplementedError(f"task {self.name} does not predict (predicts=False)")
 
+  def loss_weights(self, batch: Batch) -> Mapping[str, jax.Array] | None:
+    """The weight of each term of `loss_fn`'s loss in `batch`, from the batch alone (traced; no model): for a loss
+    `sum over names of metrics[name].total / weight` (e.g. pretraining: masked tokens for "mlm_loss", pairs for
+    "nsp_loss"), {name: weight}. Gradient accumulation divides each micro-batch's totals by the weights of the
+    whole step, so that accumulating gives the big-batch gradient. Default None: the loss is
+    `metrics["loss"].total / metrics["loss"].count` (examples, tokens, ...), and the trainer uses that count."""
+    return None
+
   def eval_summary(self, metrics: Mapping[str, float]) -> Mapping[str, float]:
     """Extra eval numbers (e.g. baselines) to log next to the metrics. Default: none."""
     return {}

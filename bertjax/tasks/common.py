@@ -46,6 +46,9 @@ def check_config(config: ConfigDict) -> None:
   is loaded (and before anything is written to the workdir)."""
   check_seq_length(config)
   t, o = config.training, config.optimizer
+  if config.model.get("dtype") == "float16" and not t.get("eval_only"):  # inference in float16 is fine
+    raise UserError("model.dtype=float16 is not supported for training (there is no loss scaling, so small "
+                    "gradients underflow to 0); use model.dtype=bfloat16")
   for name in ("global_batch_size", "eval_batch_size"):
     if int(t[name]) < 1:
       raise UserError(f"training.{name}={t[name]} must be a positive number of examples")

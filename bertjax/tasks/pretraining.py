@@ -9,9 +9,7 @@ import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
@@ -21,7 +19,7 @@ from bertjax.artifacts import factory
 from bertjax.data import cache, corpus, loader, pretraining as pt, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForPreTraining
-from bertjax.tasks import common
+from bertjax.tasks import common, losses
 from bertjax.tasks.base import Task
 
 
@@ -96,11 +94,12 @@ class PretrainingTask(Task):
     return toklib.load(cached), f"trained on the corpus ({d.vocab_size} requested)"
 
   def _rows(self, pairs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-    """The training rows: the pairs, or with `data.packing` several pairs per row (`pt.pack_pairs`)."""
+    """The training rows: the pairs, or with `data.packing` several pairs per row (`pt.PackedPairs`: each process
+    packs only the rows it reads)."""
     d = self.config.data
     if not d.get("packing", False):
       return pairs
-    packed = pt.pack_pairs(pairs, int(d.get("max_segments_per_row", 4)))
+    packed = pt.PackedPairs(pairs, int(d.get("max_segments_per_row", 4)))
     width = pairs["input_ids"].shape[1]
     logging.info("packing: %d pairs -> %d rows of %d tokens (at most %d pairs each); padding %.1f%% -> %.1f%%",
                  len(pairs["lengths"]), len(packed["lengths"]), width, packed["cls_positions"].shape[1],
@@ -151,28 +150,10 @@ class PretrainingTask(Task):
     return BertForPreTraining(self.model_config, rngs)
 
   def loss_fn(self, model, batch, rngs, deterministic):
-    """MLM over the chosen positions and NSP per pair: [B] labels, or [B, k] for packed rows (one per slot)."""
-    mlm_logits, nsp_logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                                   batch["masked_positions"], deterministic=deterministic, rngs=rngs,
-                                   **loader.packed_inputs(batch))
-    w = batch["masked_weights"]
-    xent = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["masked_labels"])
-    correct = jnp.argmax(mlm_logits, -1) == batch["masked_labels"]
-    nw = batch["nsp_weights"]
-    nsp_xent = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, batch["nsp_labels"])
-    nsp_correct = (jnp.argmax(nsp_logits, -1) == batch["nsp_labels"]) * nw
-    n_mlm, n_nsp = jnp.sum(w), jnp.sum(nw)
-    mlm_loss = jnp.sum(xent * w) / jnp.maximum(n_mlm, 1.0)
-    nsp_loss = jnp.sum(nsp_xent * nw) / jnp.maximum(n_nsp, 1.0)
-    loss = mlm_loss + nsp_loss
-    out = {"loss": (loss, 1.0), "mlm_loss": (jnp.sum(xent * w), n_mlm),
-           "mlm_accuracy": (jnp.sum(correct * w), n_mlm), "nsp_loss": (jnp.sum(nsp_xent * nw), n_nsp),
-           "nsp_accuracy": (jnp.sum(nsp_correct), n_nsp)}
-    for name, kind in pt.KINDS.items():  # [MASK] / random / kept positions: only [MASK] shows context is used
-      wk = w * (batch["masked_kinds"] == kind)
-      out[f"mlm_accuracy_{name}"] = (jnp.sum(correct * wk), jnp.sum(wk))
-      out[f"mlm_loss_{name}"] = (jnp.sum(xent * wk), jnp.sum(wk))
-    return loss, out
+    return losses.pretraining(model, batch, rngs, deterministic, pt.KINDS)
+
+  def loss_weights(self, batch):
+    return losses.pretraining_weights(batch)
 
   # -- outputs --------------------------------------------------------------------------------------------
   def save_assets(self, workdir: str) -> None:

@@ -15,7 +15,6 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from clu import parameter_overview
 from flax import nnx
@@ -29,7 +28,7 @@ from bertjax.errors import UserError
 from bertjax.peft import core as peft
 from bertjax.tasks import common
 from bertjax.tasks.base import Task
-from bertjax.train import metrics as mlib, optim, progress, resilience, sharding, writers
+from bertjax.train import metrics as mlib, optim, progress, resilience, sharding, step as step_lib, writers
 
 
 @dataclasses.dataclass
@@ -191,41 +190,11 @@ class Trainer:
   def _compile_steps(self) -> None:
     graphdef, task, tx, accum, split = self.graphdef, self.task, self.tx, self.accum, self.peft
 
-    def loss_on(params, frozen, batch, key):  # only `params` (the trainable tree) is differentiated
-      model = nnx.merge(graphdef, split.combine(params, frozen))
-      return task.loss_fn(model, batch, nnx.Rngs(dropout=key), False)
+    raw_step = step_lib.make_train_step(graphdef, split.combine, task.loss_fn, task.loss_weights, tx, self.schedule,
+                                        accum)
 
-    grad_fn = jax.value_and_grad(loss_on, has_aux=True)
-
-    def train_step(params, frozen, opt_state, batch, step, rng):
-      key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-      if accum == 1:
-        (_, m), grads = grad_fn(params, frozen, batch, key)
-      else:
-        def micro(carry, xs):
-          g_acc, m_acc = carry
-          mb, k = xs
-          (_, m), g = grad_fn(params, frozen, mb, k)
-          return (jax.tree_util.tree_map(jnp.add, g_acc, g),
-                  jax.tree_util.tree_map(jnp.add, m_acc, m)), None
-        zeros_g = jax.tree_util.tree_map(jnp.zeros_like, params)
-        _, m_shape = jax.eval_shape(loss_on, params, frozen, jax.tree_util.tree_map(lambda x: x[0], batch), key)
-        zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-        (grads, m), _ = jax.lax.scan(micro, (zeros_g, zeros_m), (batch, jax.random.split(key, accum)))
-        grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
-      updates, new_opt = tx.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      m = dict(m)
-      m["grad_norm"] = (optax.tree.norm(grads), 1.0)
-      m["learning_rate"] = (self.schedule(step), 1.0)
-      # Divergence guard: a non-finite loss, gradient or updated parameter skips the whole update (params and
-      # optimizer state stay as they were) and is left out of the averaged metrics; `skipped` tells the host.
-      ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(total)) for total, _ in m.values()]
-                             + [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(new_params)]))
-      params, opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), (new_params, new_opt),
-                                                 (params, opt_state))
-      m = {k: (jnp.where(ok, total, 0.0), jnp.where(ok, count, 0.0)) for k, (total, count) in m.items()}
-      m["skipped"] = (1.0 - ok.astype(jnp.float32), 1.0)
+    def train_step(*args):
+      params, opt_state, m = raw_step(*args)
       return params, opt_state, mlib.from_outputs(m)
 
     step_fn = jax.jit(
