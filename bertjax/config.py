@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.early_stopping_patience = 0  # evaluations without main-metric improvement before stopping (0 = off)
   t.keep_best = True  # keep the best checkpoint by the task's main metric in <workdir>/best
   t.max_consecutive_skips = 10  # non-finite steps in a row (each skipped, not applied) before the run stops
-  t.continue_schedule = ""  # resuming with a changed LR schedule: "restart" | "extend" (see README)
+  t.continue_schedule = ""  # resuming with a changed LR schedule: "restart" | "extend" (docs/pretraining.md)
   t.allow_batch_size_change = False  # resume a checkpoint trained with another global_batch_size
   t.eval_only = False  # evaluate (and write predictions) from the latest / init checkpoint; no training, no saving
 

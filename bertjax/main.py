@@ -54,12 +54,13 @@ def config_names() -> list[str]:
 
 
 def resolve_config(value: str) -> str:
-  """`--config` value -> a file path: an existing file as given, else a shipped config by name (`mlm`, `mlm.py`);
-  anything after ':' (config_flags' argument to get_config) is kept."""
+  """`--config` value -> a file path: an existing file as given, else a shipped config by name (`mlm`, `mlm.py`, or
+  `configs/mlm.py` outside the checkout); anything after ':' (config_flags' argument to get_config) is kept."""
   path, sep, arg = value.partition(":")
-  if os.path.isfile(path) or os.sep in path or "/" in path:
+  shipped = re.fullmatch(r"configs/(\w+)\.py", path)  # the repository's relative path, run from elsewhere
+  if os.path.isfile(path) or (("/" in path or os.sep in path) and not shipped):
     return value
-  name = path[:-3] if path.endswith(".py") else path
+  name = shipped.group(1) if shipped else path[:-3] if path.endswith(".py") else path
   for d in config_dirs():
     if os.path.isfile(os.path.join(d, f"{name}.py")):
       return os.path.join(d, f"{name}.py") + sep + arg
@@ -87,9 +88,9 @@ def main(argv):
   logs.quiet_libraries(debug=logging.level_debug())
   config = _load_config()
   if FLAGS.print_config:
-    print(f"# {FLAGS['config'].config_filename}, after the command-line overrides ({DOCS} explains every field)")
-    print(yaml.dump(json.loads(config.to_json_best_effort()), Dumper=_ConfigDumper, sort_keys=True, width=120), end="")
-    return
+    _print_and_exit(f"# {FLAGS['config'].config_filename}, after the command-line overrides ({DOCS} explains every "
+                    "field)\n" + yaml.dump(json.loads(config.to_json_best_effort()), Dumper=_ConfigDumper,
+                                           sort_keys=True, width=120))
   if FLAGS.distributed or (FLAGS.distributed is None and _multihost_env()):
     explicit = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
                                                   ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
@@ -137,6 +138,16 @@ def _load_config():
   if config is None:
     raise UserError("--config is required, e.g. --config=configs/mlm.py")
   return config
+
+
+def _print_and_exit(text: str) -> None:
+  """stdout, exit 0; a reader that stops early (`| head`) is no error."""
+  try:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+  sys.exit(0)
 
 
 def _fail(msg: str) -> None:
@@ -198,8 +209,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with config overrides, but a user mistake is one line, not a traceback; `--config=mlm`
   names a shipped config; `--help` prints `usage()` and exits 0."""
   if any(a in _HELP_FLAGS for a in argv[1:]):
-    print(usage())
-    sys.exit(0)
+    _print_and_exit(usage() + "\n")
   argv = [argv[0]] + [f"--config={resolve_config(a[len('--config='):])}" if a.startswith("--config=") else a
                       for a in argv[1:]]
   try:

@@ -29,7 +29,8 @@ def test_config_names_resolve_to_the_configs_folder(tmp_path, monkeypatch):
     assert main.resolve_config(name) == str(REPO / "configs" / f"{name}.py")
     assert main.resolve_config(f"{name}.py") == str(REPO / "configs" / f"{name}.py")
   assert main.resolve_config("glue:arg") == f"{REPO / 'configs' / 'glue.py'}:arg"
-  assert main.resolve_config("configs/mlm.py") == "configs/mlm.py"  # a path stays a path
+  assert main.resolve_config("configs/mlm.py") == str(REPO / "configs" / "mlm.py")  # the README's path, elsewhere
+  assert main.resolve_config("my/mlm.py") == "my/mlm.py"  # any other path stays a path (and fails with one line)
   assert main.resolve_config("nope") == "nope"  # and fails later with one line naming the known names
   (tmp_path / "mlm").write_text("")  # an existing file wins over a name
   assert main.resolve_config("mlm") == "mlm"
