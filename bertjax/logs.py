@@ -17,6 +17,7 @@ import logging
 import os
 
 import jax
+from absl import logging as absl_logging
 from datasets.utils import logging as datasets_logging
 
 # orbax warnings that say nothing to a user (a checkpoint written before orbax kept this metadata reads fine)
@@ -67,7 +68,7 @@ def quiet_libraries(debug: bool = False) -> None:
   """Library log levels for a command-line run (idempotent); `debug` leaves them as they are."""
   if debug:
     return
-  absl_logger = logging.getLogger("absl")
+  absl_logger = absl_logging.get_absl_logger()  # absl's own logger class: it finds the real caller (orbax)
   if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
     absl_logger.addFilter(_QuietOrbax())
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
