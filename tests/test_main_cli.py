@@ -84,7 +84,9 @@ def test_the_wheel_ships_every_config_as_bertjax_configs(tmp_path):
   (wheel,) = (tmp_path / "dist").glob("bertjax-*.whl")
   names = set(zipfile.ZipFile(wheel).namelist())
   configs = {p.name for p in (REPO / "configs").glob("*.py")}
-  assert {f"bertjax_configs/{c}" for c in configs} <= names and "bertjax/main.py" in names
+  assert {f"bertjax_configs/{c}" for c in configs} <= names
+  modules = {str(p.relative_to(REPO)) for p in (REPO / "bertjax").rglob("*.py")}
+  assert sorted(modules - names) == [] and "bertjax/deploy/cli.py" in names  # namespace subpackages too
   assert not any(n.startswith(("tests/", "configs/")) for n in names)
 
 
