@@ -52,14 +52,15 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every_steps = 500
   t.keep_checkpoints = 3
   t.async_checkpointing = True
-  t.freeze = []  # regexes over '/'-joined parameter paths that get no updates
+  # tuples, not lists: ml_collections overrides a tuple from the command line (--config.training.freeze="('pooler',)")
+  t.freeze = ()  # regexes over '/'-joined parameter paths that get no updates
   t.freeze_embeddings = False
   t.freeze_layers = 0  # freeze the first k encoder layers
   t.num_epochs = 0.0  # used when num_train_steps <= 0
   t.early_stopping_patience = 0  # evaluations without main-metric improvement before stopping (0 = off)
   t.keep_best = True  # keep the best checkpoint by the task's main metric in <workdir>/best
   t.max_consecutive_skips = 10  # non-finite steps in a row (each skipped, not applied) before the run stops
-  t.continue_schedule = ""  # resuming with a changed LR schedule: "restart" | "extend" (see README)
+  t.continue_schedule = ""  # resuming with a changed LR schedule: "restart" | "extend" (docs/pretraining.md)
   t.allow_batch_size_change = False  # resume a checkpoint trained with another global_batch_size
   t.eval_only = False  # evaluate (and write predictions) from the latest / init checkpoint; no training, no saving
 
@@ -88,23 +89,23 @@ def base_config() -> ml_collections.ConfigDict:
   mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # within one slice
   # across slices (multi-slice TPU, or GPU nodes: one slice per process); the mesh is shape x dcn_shape
   mesh.dcn_shape = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
-  mesh.logical_axis_rules = [
+  mesh.logical_axis_rules = (
       ("batch", ("data", "fsdp")),
       ("vocab", "tensor"),
       ("embed", "fsdp"),
       ("heads", "tensor"),
       ("mlp", "tensor"),
       ("norm", None),
-  ]
+  )
 
   p = config.peft = ml_collections.ConfigDict()  # parameter-efficient fine-tuning (bertjax/peft)
   p.method = "none"  # none | lora | adapter
   p.rank = 8  # LoRA rank r
   p.alpha = 16.0  # LoRA scale alpha / r, as in HF peft
   p.dropout = 0.0  # dropout inside the adapter bottleneck (LoRA supports 0 only: it is merged per step)
-  p.target_modules = ["query", "value"]  # LoRA: regexes searched in '/'-joined Linear module paths
+  p.target_modules = ("query", "value")  # LoRA: regexes searched in '/'-joined Linear module paths
   p.adapter_size = 64  # adapter bottleneck width (after the attention and the FFN output)
-  p.modules_to_save = []  # regexes over parameter paths that also train fully (the task head always does)
+  p.modules_to_save = ()  # regexes over parameter paths that also train fully (the task head always does)
   return config
 
 

@@ -1,8 +1,8 @@
 """BERT pretraining (masked LM + next-sentence prediction).
 
 The defaults train BERT-tiny (2 layers, hidden 128, a WordPiece vocabulary of 4,096 learnt from the corpus)
-on the embedded BBC News corpus in under 10 minutes on a 2-core CPU; docs/pretraining_recipe.md records the
-recipes measured for this budget. For real pretraining pick a bigger preset and corpus, e.g.
+on the embedded BBC News corpus in under 10 minutes on a 2-core CPU; docs/pretraining.md explains the recipe.
+For real pretraining pick a bigger preset and corpus, e.g.
   --config.model.preset=base --config.data.corpus=/data/wiki/*.txt --config.data.sample_by=paragraph
   --config.data.tokenizer=/path/to/vocab.txt --config.training.global_batch_size=256
   --config.training.num_train_steps=1000000 --config.optimizer.name=lamb
@@ -24,7 +24,7 @@ def get_config():
   d.max_seq_length = 128
   # The first half at 32 tokens (64 pairs a step, the same tokens): attention over 32 positions finds the
   # neighbouring words that a [MASK] needs, where at 128 it stays uniform and the model learns only word
-  # frequencies (docs/pretraining_recipe.md, third search). The run ends at max_seq_length.
+  # frequencies (docs/pretraining.md, "The default recipe"). The run ends at max_seq_length.
   d.short_seq_length = 32  # > 0: train on pairs cut to this length (same tokens per step) first, then max_seq_length
   d.short_seq_fraction = 0.5  # of num_train_steps spent at short_seq_length
   d.short_seq_prob = 0.1

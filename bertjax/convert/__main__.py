@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from bertjax import logs
 from bertjax.convert import commands
 from bertjax.convert.verify import ParityError
 from bertjax.errors import UserError
@@ -43,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  logs.quiet_libraries()
   log = lambda line: print(line, flush=True)
   try:
     args = parser().parse_args(argv)

@@ -9,6 +9,7 @@ import shutil
 import sys
 from typing import Any, Callable
 
+from bertjax import logs
 from bertjax.errors import UserError
 
 
@@ -26,10 +27,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(name: str, fn: Callable[[], Any]) -> int:
-  """Run `fn` (progress messages on stderr, XLA's C++ logging quiet); a UserError prints `<name>: error: <one
-  line>` and returns 2."""
+  """Run `fn` (progress messages on stderr, XLA's C++ logging and library internals quiet: `bertjax.logs`); a
+  UserError prints `<name>: error: <one line>` and returns 2."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logs.quiet_libraries()
   try:
     fn()
   except UserError as e:

@@ -388,10 +388,11 @@ def _train(trainer: Trainer, config: ConfigDict, workdir: str, watcher: resilien
     resilience.write_config(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
 
   writer = writers.create(workdir, config, just_logging=jax.process_index() > 0)
-  if state.step == 0 and jax.process_index() == 0:
+  if state.step == 0 and jax.process_index() == 0 and logging.getLogger().isEnabledFor(logging.DEBUG):  # --v=1
     # shapes, sizes and shardings from array metadata: nothing leaves the devices
-    logging.info("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params,
-                                                                                    include_stats="sharding"))
+    logging.debug("model parameters:\n%s", parameter_overview.get_parameter_overview(state.params,
+                                                                                     include_stats="sharding"))
+  if state.step == 0 and jax.process_index() == 0:
     writer.write_hparams(_flat(config.to_dict()))
   n_steps = trainer.num_train_steps
   with_bar = progress.want_bar(t.get("progress_bar", "auto"))

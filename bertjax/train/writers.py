@@ -34,14 +34,15 @@ class Writer(Protocol):
 
 
 class LoggingWriter:
-  """One INFO line per call: `[step] tag=value, ...` (clu's format)."""
+  """One DEBUG line per call: `[step] tag=value, ...` (clu's format; `--v=1` shows them). The trainer's own
+  `train step N/M | ...` and `eval step` lines carry the same numbers at INFO, and config.json the hyperparameters."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     values = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(scalars.items())]
-    logging.info("[%d] %s", step, ", ".join(values))
+    logging.debug("[%d] %s", step, ", ".join(values))
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    logging.info("[Hyperparameters] %s", dict(hparams))
+    logging.debug("[Hyperparameters] %s", dict(hparams))
 
   def flush(self) -> None:
     pass
