@@ -3,6 +3,6 @@ package finder cannot map a folder to another package name next to the packages 
 
 from setuptools import find_namespace_packages, setup
 
-# namespace packages too: bertjax/deploy has no __init__.py
+# namespace packages too, so a subpackage without __init__.py can never drop out of the wheel
 packages = find_namespace_packages(include=["bertjax", "bertjax.*"], exclude=["*.__pycache__"])
 setup(packages=packages + ["bertjax_configs"], package_dir={"bertjax_configs": "configs"})
