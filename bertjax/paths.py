@@ -7,11 +7,15 @@ tensorstore understands them, but orbax wraps every directory in `epath.Path`, w
 
 All functions take and return `str` (never `pathlib` objects), so callers can hand results to orbax, clu and
 TensorBoard unchanged.
+
+Object stores need their file-system package: `gs://` needs `gcsfs` (`pip install "bertjax[gcs]"`, which the
+`[tpu]` and `[gpu]` extras include). Without it, the first operation on such a path is one `UserError` line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -21,7 +25,13 @@ from typing import IO, Iterator
 
 from etils import epath
 
+from bertjax.errors import UserError
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# The fsspec package each object-store scheme needs (etils.epath, datasets and orbax's directory operations all go
+# through fsspec; tensorstore, which writes the checkpoint arrays, has its own gs:// driver).
+_BACKENDS = {"gs": ("gcsfs", 'pip install "bertjax[gcs]"'), "gcs": ("gcsfs", 'pip install "bertjax[gcs]"'),
+             "s3": ("s3fs", "pip install s3fs")}
 
 
 def is_url(path: str) -> bool:
@@ -47,8 +57,18 @@ def is_local(path: str) -> bool:
   return not is_url(resolve(path))
 
 
+def require_backend(path: str) -> str:
+  """`path` unchanged when its scheme's file-system package is installed; else one UserError line naming it."""
+  scheme = str(path).split("://", 1)[0].lower() if is_url(path) else ""
+  if scheme in _BACKENDS:
+    package, install = _BACKENDS[scheme]
+    if importlib.util.find_spec(package) is None:
+      raise UserError(f"{path}: {scheme}:// paths need the {package} package, which is not installed; {install}")
+  return path
+
+
 def _p(path: str) -> epath.Path:
-  return epath.Path(resolve(path))
+  return epath.Path(require_backend(resolve(path)))
 
 
 def join(base: str, *parts: str) -> str:
@@ -153,13 +173,24 @@ def staged(folder: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def staged_read(path: str) -> Iterator[str]:
-  """A local copy of one file for code that only reads local files (tokenizer loaders): `path` itself when local."""
+  """A local copy of one file or folder (with its subfolders) for code that only reads local files (tokenizer
+  loaders and exporters): `path` itself when local."""
   path = resolve(path)
   if not is_url(path):
     yield path
     return
   tmp = tempfile.mkdtemp(prefix="bertjax-read-")
   try:
-    yield copy(path, os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1]))
+    local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
+    if not isdir(path):
+      yield copy(path, local)
+      return
+    for f in sorted(_p(path).rglob("*")):
+      if f.is_file():
+        dst = os.path.join(local, *f.relative_to(_p(path)).parts)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        f.copy(epath.Path(dst), overwrite=True)
+    os.makedirs(local, exist_ok=True)
+    yield local
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from bertjax import paths
 from bertjax.artifacts import checkpoint, weights
 from bertjax.errors import UserError
 from bertjax.models.bert import RUNTIME_FIELDS, BertConfig, BertModel
@@ -124,8 +125,8 @@ def pretrained_tokenizer_dir(config: ConfigDict) -> str | None:
   """The tokenizer folder that comes with `init_checkpoint` / `init_from_hf`, if any."""
   if config.get("init_checkpoint"):
     step_dir = checkpoint.resolve_step_dir(config.init_checkpoint)
-    folder = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "tokenizer")
-    return folder if os.path.isdir(folder) else None
+    folder = paths.join(os.path.dirname(os.path.dirname(step_dir)), "tokenizer")
+    return folder if paths.isdir(folder) else None
   if config.get("init_from_hf"):
     return weights.tokenizer_dir(config.init_from_hf)
   return None

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
+from bertjax import paths
 from bertjax.artifacts import checkpoint, factory, hf_io, load, weights
 from bertjax.artifacts.mapping import HF_ARCHITECTURE, to_hf_state
 from bertjax.convert import peft_hf, verify as parity
@@ -141,9 +142,9 @@ def from_hf_peft(adapter_dir: str, base: str, out: str, overwrite: bool = False,
 def _workdir_tokenizer(step_dir: str) -> str:
   """`<workdir>/tokenizer` for `<workdir>/checkpoints/<step>` and for `<workdir>/best/checkpoints/<step>`."""
   root = os.path.dirname(os.path.dirname(step_dir))
-  tok = os.path.join(root, "tokenizer")
-  if not os.path.isdir(tok) and os.path.basename(root) == "best":
-    tok = os.path.join(os.path.dirname(root), "tokenizer")
+  tok = paths.join(root, "tokenizer")
+  if not paths.isdir(tok) and os.path.basename(root) == "best":
+    tok = paths.join(os.path.dirname(root), "tokenizer")
   return tok
 
 
@@ -167,8 +168,12 @@ def hf_config(cfg: BertConfig, head: str, num_labels: int | None, label_names: l
 
 def _export_tokenizer(step_dir: str, out: str, cfg: BertConfig, log: Log) -> None:
   tok_src = _workdir_tokenizer(step_dir)
-  if os.path.isdir(tok_src) and hf_io.has_tokenizer(tok_src):
-    info = hf_io.export_tokenizer(tok_src, out, cfg.max_position_embeddings)
+  info = None
+  if paths.isdir(tok_src):
+    with paths.staged_read(tok_src) as local:  # a gs:// workdir's tokenizer is read from a local copy
+      if hf_io.has_tokenizer(local):
+        info = hf_io.export_tokenizer(local, out, cfg.max_position_embeddings)
+  if info:
     log(f"tokenizer from {tok_src}: {', '.join(info['files'] + info['built'])} "
         f"(do_lower_case={info['do_lower_case']})")
     _check_vocab(info, cfg, log)

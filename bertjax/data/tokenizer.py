@@ -23,8 +23,13 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def load(path: str, lowercase: bool = True) -> Tokenizer:
-  """A `tokenizer.json`, a `vocab.txt`, or a folder holding either (tokenizer.json preferred)."""
-  path = os.path.expanduser(path)
+  """A `tokenizer.json`, a `vocab.txt`, or a folder holding either (tokenizer.json preferred); local or a URL."""
+  if not paths.is_local(path):
+    if not paths.exists(path):
+      raise UserError(f"tokenizer path {path} does not exist; pass a vocab.txt, tokenizer.json or HF folder")
+    with paths.staged_read(path) as local:
+      return load(local, lowercase)
+  path = paths.resolve(path) if paths.is_url(path) else os.path.expanduser(path)
   if os.path.isdir(path):
     for name in ("tokenizer.json", "vocab.txt"):
       if os.path.exists(os.path.join(path, name)):
