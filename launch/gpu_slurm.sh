@@ -4,6 +4,7 @@
 #   DRY_RUN=1 WORKDIR=gs://... bash launch/gpu_slurm.sh ...   # print the srun command, run nothing
 # jax.distributed.initialize() reads the SLURM environment (--distributed). The workdir must be shared by the nodes:
 # a bucket URL, or a shared file system path with SHARED_FS=1. Nodes are one slice each for mesh.dcn_shape.
+# Every node needs bertjax installed with `pip install -e '.[gpu]'` (CUDA jax, and gcsfs for gs:// workdirs).
 #SBATCH --job-name=bertjax
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive

@@ -12,7 +12,7 @@ TRAIN = ["python", "-m", "bertjax.main"]
 
 
 def dry_run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-  full = {k: v for k, v in os.environ.items() if k not in ("TPU", "ZONE", "BUCKET", "WORKDIR", "SHARED_FS", "CONFIG")}
+  full = {k: v for k, v in os.environ.items() if k not in ("TPU", "ZONE", "BUCKET", "WORKDIR", "SHARED_FS", "CONFIG", "REPO", "REF")}
   full.update(env, DRY_RUN="1", PATH="/usr/bin:/bin")  # no gcloud / srun needed: nothing is run
   return subprocess.run(["bash", str(REPO / "launch" / script), *args], env=full, capture_output=True, text=True,
                         timeout=30)
@@ -20,7 +20,8 @@ def dry_run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_tpu_vm_runs_the_same_command_on_every_worker_with_the_bucket_workdir():
   r = dry_run("tpu_vm.sh", "--config.model.preset=base", "--config.data.corpus=gs://b/corpus/*.txt",
-              "--config.x=it's", TPU="my-tpu", ZONE="us-central2-b", BUCKET="my-bucket")
+              "--config.x=it's", TPU="my-tpu", ZONE="us-central2-b", BUCKET="my-bucket",
+              REPO="https://example.com/me/bertjax.git")
   assert r.returncode == 0, r.stderr
   (line,) = r.stdout.splitlines()
   argv = shlex.split(line)
@@ -30,7 +31,23 @@ def test_tpu_vm_runs_the_same_command_on_every_worker_with_the_bucket_workdir():
   train = remote[remote.index("python"):]
   assert train == [*TRAIN, "--config=configs/mlm.py", "--workdir=gs://my-bucket/bertjax/mlm",
                    "--config.model.preset=base", "--config.data.corpus=gs://b/corpus/*.txt", "--config.x=it's"]
-  assert "git clone https://github.com/bertjax/bertjax bertjax;" in argv[10]
+  assert "[ -d bertjax ] || git clone https://example.com/me/bertjax.git bertjax;" in argv[10]
+  assert "pip install -q -e '.[tpu]'" in argv[10]  # the [tpu] extra includes [gcs] (gcsfs) for the gs:// workdir
+  pinned = dry_run("tpu_vm.sh", TPU="t", ZONE="z", BUCKET="b", REPO="git@example.com:me/bertjax.git", REF="v1")
+  assert "git clone --branch v1 git@example.com:me/bertjax.git bertjax;" in pinned.stdout
+
+
+def test_tpu_vm_needs_the_repository_to_clone():
+  r = dry_run("tpu_vm.sh", TPU="t", ZONE="z", BUCKET="b")
+  assert r.returncode != 0 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+  assert "set REPO to the git URL of the bertjax repository the TPU hosts clone" in r.stderr
+
+
+def test_accelerator_extras_bring_the_gcs_backend():
+  import tomllib
+  extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+  assert any(d.startswith("gcsfs") for d in extras["gcs"])
+  assert "bertjax[gcs]" in extras["tpu"] and "bertjax[gcs]" in extras["gpu"]
 
 
 def test_slurm_starts_one_process_per_node_with_srun():
