@@ -185,12 +185,17 @@ def staged_read(path: str) -> Iterator[str]:
     if not isdir(path):
       yield copy(path, local)
       return
-    for f in sorted(_p(path).rglob("*")):
-      if f.is_file():
-        dst = os.path.join(local, *f.relative_to(_p(path)).parts)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        f.copy(epath.Path(dst), overwrite=True)
-    os.makedirs(local, exist_ok=True)
+    _copy_tree(_p(path), local)
     yield local
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_tree(src: epath.Path, dst: str) -> None:
+  """Every file under `src` into the local folder `dst` (gs:// paths have no recursive glob: one listing a level)."""
+  os.makedirs(dst, exist_ok=True)
+  for child in src.iterdir():
+    if child.is_dir():
+      _copy_tree(child, os.path.join(dst, child.name))
+    else:
+      child.copy(epath.Path(os.path.join(dst, child.name)), overwrite=True)
