@@ -173,6 +173,8 @@ def test_gs_pretrain_kill9_resume_to_hf_finetune_predict(gcs, small_corpus, cach
   assert meta["head"] == "sequence_classification" and meta["step"] == 3
   diff = np.abs(tuned["bert"]["embeddings"]["word_embeddings"]["embedding"] - word).max()
   assert 0 < diff < 1e-3, diff  # moved from the pretrained table by 3 small steps (a fresh init is ~0.02 away)
+  assert paths.exists(f"{ft}/predictions/dev.jsonl") and paths.exists(f"{ft}/confusion_matrix_dev.png")
+  assert not os.path.exists("gs:") and not os.path.exists(os.path.join(os.path.dirname(HERE), "gs:"))  # no local
   phase("fine-tune")
 
   # predict from the gs:// fine-tune: the same predictions as from a local copy of that workdir.

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from bertjax import paths
 from bertjax.artifacts import checkpoint
 from bertjax.data import classify as data, glue, loader, tokenizer as toklib
 from bertjax.errors import UserError
@@ -277,16 +278,18 @@ class ClassificationTask(Task):
       predicted = [[n for n, on in zip(names, row) if on] for row in pred]
     else:
       predicted = [names[i] for i in pred]
-    path = data.write_predictions(os.path.join(workdir, "predictions", f"{split}.jsonl"), self.splits[split],
-                                  names, np.atleast_2d(probs) if self.kind != "regression" else probs, predicted,
-                                  self.kind)
+    with paths.staged(paths.join(workdir, "predictions")) as folder:  # a gs:// workdir: written here, then copied
+      data.write_predictions(os.path.join(folder, f"{split}.jsonl"), self.splits[split], names,
+                             np.atleast_2d(probs) if self.kind != "regression" else probs, predicted, self.kind)
+    path = paths.join(workdir, "predictions", f"{split}.jsonl")
     logging.info("wrote %d %s predictions to %s", len(predicted), split, path)
     if rep is None or "confusion_matrix" not in rep:
       return
     logging.info("%s report (best checkpoint):\n%s", split, metrics.report_table(rep))
-    png = data.plot_confusion(rep["confusion_matrix"], names, os.path.join(workdir, f"confusion_matrix_{split}.png"),
-                              f"{split}: accuracy {rep['accuracy']:.4f}, macro F1 {rep['macro_f1']:.4f}")
-    logging.info("wrote the %s confusion matrix to %s", split, png)
+    with paths.staged(workdir) as folder:
+      data.plot_confusion(rep["confusion_matrix"], names, os.path.join(folder, f"confusion_matrix_{split}.png"),
+                          f"{split}: accuracy {rep['accuracy']:.4f}, macro F1 {rep['macro_f1']:.4f}")
+    logging.info("wrote the %s confusion matrix to %s", split, paths.join(workdir, f"confusion_matrix_{split}.png"))
 
 
 def _logit(p: float) -> float:
