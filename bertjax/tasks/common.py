@@ -1,4 +1,5 @@
-"""Helpers shared by tasks: the model config from `config.model` (or a pretrained checkpoint), checks, caches."""
+"""Helpers shared by tasks: the model config from `config.model` (or a pretrained checkpoint), checks, caches, and
+the prediction rows of the fine-tuning tasks."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import logging
 import os
 import uuid
 import zipfile
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from ml_collections import ConfigDict
 
 from bertjax.artifacts.factory import pretrained_model_config, pretrained_tokenizer_dir
-from bertjax.data import tokenizer as toklib
+from bertjax.data import corpus, tokenizer as toklib
+from bertjax.data.glue import MODEL_KEYS  # noqa: F401  (the encoder inputs; re-exported for the tasks)
 from bertjax.errors import UserError
 from bertjax.models import attention
 from bertjax.models.bert import RUNTIME_FIELDS, BertConfig
@@ -111,6 +113,37 @@ def cached_arrays(cache_dir: str, kind: str, key: str, build: Callable[[], dict]
     if os.path.exists(tmp):
       os.remove(tmp)
   return out
+
+
+def cache_dir_of(config: ConfigDict) -> str:
+  return config.data.get("cache_dir") or corpus.default_cache_dir()
+
+
+def file_key(path: str) -> str:
+  """Cache-key part naming one file's exact contents cheaply (path, mtime, size)."""
+  st = os.stat(path)
+  return f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}"
+
+
+def valid_rows(outputs: list[Mapping[str, np.ndarray]], width: int = 0) -> dict[str, np.ndarray]:
+  """Concatenate predict outputs and drop the eval padding rows (`example_weights == 0`); per-token outputs of
+  length-bucketed batches are padded back to `width` (the padded length) columns."""
+  if not outputs:
+    return {}
+  cat = {k: np.concatenate(_same_width([np.asarray(o[k]) for o in outputs], width)) for k in outputs[0]}
+  keep = cat.pop("example_weights") > 0
+  return {k: v[keep] for k, v in cat.items()}
+
+
+def _same_width(arrays: list[np.ndarray], width: int = 0) -> list[np.ndarray]:
+  """Per-token outputs of length-bucketed batches padded back to one width, at least `width` (floats with -1e9,
+  like masked logits; others with 0); the padded columns are padding positions, which no postprocessing reads."""
+  width = max([a.shape[1] for a in arrays if a.ndim >= 2] + [width if any(a.ndim >= 2 for a in arrays) else 0])
+  if all(a.ndim < 2 or a.shape[1] == width for a in arrays):
+    return arrays
+  fill = lambda a: -1e9 if np.issubdtype(a.dtype, np.floating) else 0
+  return [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill(a))
+          if a.ndim >= 2 else a for a in arrays]
 
 
 def load_tokenizer(config: ConfigDict, workdir: str) -> tuple[Any, str]:

@@ -4,8 +4,6 @@ Data: `data.train_file` / `dev_file` / `test_file`, or `data.data_dir` holding t
 optional test.txt, or else the hub dataset `data.hub_dataset`. The label list comes from the training file
 (kept in the checkpoint meta). After training the best model's tags are written as `token gold pred` lines
 to `<workdir>/predictions/{dev,test}.txt` (conlleval's input).
-
-The helpers at the top (tokenizer, cache keys, prediction rows) are shared with SQuAD and classification.
 """
 
 from __future__ import annotations
@@ -24,47 +22,12 @@ from ml_collections import ConfigDict
 
 from bertjax import paths
 from bertjax.artifacts import checkpoint
-from bertjax.data import corpus, loader, ner, tokenizer as toklib
+from bertjax.data import loader, ner, tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.models.heads import BertForTokenClassification
 from bertjax.tasks import common, metrics
 from bertjax.tasks.base import Task
-
-MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask")
-
-# -- helpers shared by the fine-tuning tasks ------------------------------------------------------------------
-
-
-def file_key(path: str) -> str:
-  """Cache-key part naming one file's exact contents cheaply (path, mtime, size)."""
-  st = os.stat(path)
-  return f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}"
-
-
-def valid_rows(outputs: list[Mapping[str, np.ndarray]], width: int = 0) -> dict[str, np.ndarray]:
-  """Concatenate predict outputs and drop the eval padding rows (`example_weights == 0`); per-token outputs of
-  length-bucketed batches are padded back to `width` (the padded length) columns."""
-  if not outputs:
-    return {}
-  cat = {k: np.concatenate(_same_width([np.asarray(o[k]) for o in outputs], width)) for k in outputs[0]}
-  keep = cat.pop("example_weights") > 0
-  return {k: v[keep] for k, v in cat.items()}
-
-
-def _same_width(arrays: list[np.ndarray], width: int = 0) -> list[np.ndarray]:
-  """Per-token outputs of length-bucketed batches padded back to one width, at least `width` (floats with -1e9,
-  like masked logits; others with 0); the padded columns are padding positions, which no postprocessing reads."""
-  width = max([a.shape[1] for a in arrays if a.ndim >= 2] + [width if any(a.ndim >= 2 for a in arrays) else 0])
-  if all(a.ndim < 2 or a.shape[1] == width for a in arrays):
-    return arrays
-  fill = lambda a: -1e9 if np.issubdtype(a.dtype, np.floating) else 0
-  return [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill(a))
-          if a.ndim >= 2 else a for a in arrays]
-
-
-def cache_dir_of(config: ConfigDict) -> str:
-  return config.data.get("cache_dir") or corpus.default_cache_dir()
-
+from bertjax.tasks.common import MODEL_KEYS, cache_dir_of, file_key, valid_rows
 
 # -- the task ----------------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from bertjax.errors import UserError
 from bertjax.models.heads import BertForQuestionAnswering
 from bertjax.tasks import common, metrics
 from bertjax.tasks.base import Task
-from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, file_key, valid_rows
+from bertjax.tasks.common import MODEL_KEYS, cache_dir_of, file_key, valid_rows
 
 _POSITIONS = ("start_positions", "end_positions")
 _HOST_KEYS = ("example_index", "offsets", "token_is_max_context")  # post-processing only; never on device
