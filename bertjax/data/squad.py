@@ -180,21 +180,11 @@ def postprocess_predictions(examples: Sequence[SquadExample], features: dict[str
   The null score is the minimum over the example's windows of start[0] + end[0]. For v2.0 the
   answer is "" when null odds > `null_score_diff_threshold`; with no valid span it is "" (odds inf).
   """
-  start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
-  n_feat = len(features["example_index"])
-  if start_logits.shape[0] != n_feat or end_logits.shape[0] != n_feat:
-    raise ValueError(f"{n_feat} features but logits of shape {start_logits.shape}, "
-                     f"{end_logits.shape}; drop padded batch rows first")
-  by_example: dict[int, list[int]] = {}
-  for fi, ei in enumerate(features["example_index"]):
-    by_example.setdefault(int(ei), []).append(fi)
   predictions, null_odds = {}, {}
-  for ei, ex in enumerate(examples):
-    span = best_span(ex.context, by_example.get(ei, []), features, start_logits, end_logits, n_best_size,
-                     max_answer_length)
-    odds = span.null_score - span.score if np.isfinite(span.score) else float("inf")
-    null_odds[ex.id] = float(odds)
-    predictions[ex.id] = "" if version_2 and odds > null_score_diff_threshold else span.text
+  for ex, span in zip(examples, best_spans(examples, features, start_logits, end_logits, n_best_size,
+                                           max_answer_length)):
+    null_odds[ex.id] = span.null_odds
+    predictions[ex.id] = "" if version_2 and span.null_odds > null_score_diff_threshold else span.text
   return predictions, null_odds
 
 
@@ -207,10 +197,31 @@ class Span:
   score: float  # -inf when no valid span
   null_score: float  # min over windows of start[0] + end[0] (the [CLS] "no answer" score)
 
+  @property
+  def null_odds(self) -> float:
+    """null score - span score; inf when there is no valid span."""
+    return float(self.null_score - self.score) if np.isfinite(self.score) else float("inf")
+
+
+def best_spans(examples: Sequence[SquadExample], features: dict[str, np.ndarray], start_logits: np.ndarray,
+               end_logits: np.ndarray, n_best_size: int = 20, max_answer_length: int = 30) -> list[Span]:
+  """The best span of each example over its windows (the features whose `example_index` is the example's)."""
+  start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
+  n_feat = len(features["example_index"])
+  if start_logits.shape[0] != n_feat or end_logits.shape[0] != n_feat:
+    raise ValueError(f"{n_feat} features but logits of shape {start_logits.shape}, "
+                     f"{end_logits.shape}; drop padded batch rows first")
+  by_example: dict[int, list[int]] = {}
+  for fi, ei in enumerate(features["example_index"]):
+    by_example.setdefault(int(ei), []).append(fi)
+  return [best_span(ex.context, by_example.get(ei, []), features, start_logits, end_logits, n_best_size,
+                    max_answer_length) for ei, ex in enumerate(examples)]
+
 
 def best_span(context: str, feature_indices: Sequence[int], features: dict[str, np.ndarray], start_logits: np.ndarray,
               end_logits: np.ndarray, n_best_size: int = 20, max_answer_length: int = 30) -> Span:
-  """The highest-scoring valid span over one example's windows (see `postprocess_predictions`)."""
+  """The highest-scoring valid span over the windows `feature_indices` of one example (see
+  `postprocess_predictions`)."""
   best = Span("", -1, -1, -np.inf, np.inf)
   for fi in feature_indices:
     s_log, e_log = start_logits[fi], end_logits[fi]

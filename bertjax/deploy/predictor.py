@@ -217,15 +217,9 @@ class Predictor:
     start, end = full.copy(), full.copy()
     for i, (s, e) in enumerate(logits):
       start[i, :len(s)], end[i, :len(e)] = s, e
-    by_example: dict[int, list[int]] = {}
-    for fi, ei in enumerate(feats["example_index"]):
-      by_example.setdefault(int(ei), []).append(fi)
     out = []
-    for ei, ex in enumerate(examples):
-      span = squad.best_span(ex.context, by_example.get(ei, []), feats, start, end, q["n_best_size"],
-                             q["max_answer_length"])
-      odds = span.null_score - span.score if np.isfinite(span.score) else float("inf")
-      if not np.isfinite(span.score) or (q["version_2"] and odds > q["null_score_diff_threshold"]):
+    for span in squad.best_spans(examples, feats, start, end, q["n_best_size"], q["max_answer_length"]):
+      if not np.isfinite(span.score) or (q["version_2"] and span.null_odds > q["null_score_diff_threshold"]):
         answer = {"text": "", "start": -1, "end": -1, "score": None}
       else:
         answer = {"text": span.text, "start": span.start, "end": span.end, "score": round(span.score, 5)}
