@@ -10,6 +10,7 @@ The tokenizer helpers here (`as_tokenizer`, `special_ids`) are shared by the SQu
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -198,6 +199,39 @@ def load_hub_split(task: str, split: str) -> list[Example]:
     text_b = r[t.hub_columns[1]] if len(t.hub_columns) > 1 else None
     examples.append(Example(f"{split}-{row}", r[t.hub_columns[0]], text_b, label, int(r["idx"])))
   return examples
+
+
+def split_source(data_dir: str | Path, task: str, split: str, required: bool) -> list | None:
+  """What names one split's exact contents (a cache-key part): the file's path, mtime and size, or the hub
+  dataset when `data_dir` is empty; None for an optional split whose file is absent (a required one raises the
+  reader's "file not found")."""
+  if not data_dir:
+    return ["hub", "nyu-mll/glue", task, split]
+  path = split_path(data_dir, task, split)
+  if not path.is_file():
+    if not required:
+      return None
+    read_split(data_dir, task, split)  # raises the reader's "file not found" error
+  st = path.stat()
+  return [str(path.resolve()), st.st_mtime_ns, st.st_size]
+
+
+def read_examples(data_dir: str | Path, task: str, split: str, required: bool) -> list[Example] | None:
+  """One split from the GLUE-layout `data_dir`, or from the hub `nyu-mll/glue` when `data_dir` is empty; None for
+  an optional hub split that could not be loaded."""
+  if data_dir:
+    return read_split(data_dir, task, split)
+  try:
+    return load_hub_split(task, split)
+  except UserError:
+    raise
+  except Exception as e:  # network, offline cache miss, missing split
+    if not required:
+      logging.warning("GLUE %s %s split not loaded from the hub (%s); skipping it", task, split, e)
+      return None
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"could not load GLUE {task} {split} from the hub nyu-mll/glue ({msg}); set "
+                    "config.data.data_dir to a local GLUE-layout folder") from None
 
 
 def as_tokenizer(tokenizer: Any) -> tokenizers.Tokenizer:

@@ -10,11 +10,15 @@ Every evaluation reports accuracy, macro / micro precision, recall and F1 (Tenso
 per-class table. After training the best parameters write `<workdir>/predictions/{dev,test}.jsonl`,
 `<workdir>/confusion_matrix_{dev,test}.png` and the per-class reports and confusion matrices into
 `eval_metrics.json` (`dev_report`, `test_report`; test scores also as `test_accuracy`, `test_macro_f1`, ...).
+
+This is the one sequence-classification task: GLUE (`bertjax.tasks.glue`) is this task with GLUE's readers,
+label sets, metrics and submission files.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Callable, Mapping
 
@@ -32,7 +36,7 @@ from bertjax.errors import UserError
 from bertjax.models.heads import BertForSequenceClassification
 from bertjax.tasks import common, metrics
 from bertjax.tasks.base import Task
-from bertjax.tasks.ner import MODEL_KEYS, cache_dir_of, valid_rows
+from bertjax.tasks.common import MODEL_KEYS, cache_dir_of, valid_rows
 
 _CLASS_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "micro_precision", "micro_recall",
                   "micro_f1", "weighted_f1")
@@ -42,6 +46,10 @@ _PROBLEM_TYPES = {"regression": "regression", "single": "single_label_classifica
 
 
 class ClassificationTask(Task):
+  """The sequence-classification task: the model, losses, batches (bucketed or packed), evaluation over one or
+  more dev splits and the tokenizer / model config. The data source, label set, dev metrics and outputs are
+  hooks (`_configure`, `_read`, `_featurize`, `_log_data`, `dev_metrics`, `finalize`, `checkpoint_meta`): here
+  one's own files or hub dataset; `bertjax.tasks.glue.GlueTask` plugs in GLUE's readers, label sets and metrics."""
   name = "classification"
   head = "sequence_classification"
   main_metric = "macro_f1"
@@ -49,7 +57,17 @@ class ClassificationTask(Task):
 
   def __init__(self, config: ConfigDict, workdir: str):
     super().__init__(config, workdir)
-    d = config.data
+    self.kind = "single"  # single | multi (several labels per row) | regression
+    self.label_names: list[str] = []
+    self.features: dict[str, dict[str, np.ndarray]] = {}  # split -> token arrays (MODEL_KEYS, ...)
+    self.targets: dict[str, np.ndarray] = {}  # labelled split -> class ids / 0-1 rows (multi) / scores
+    self.dev_splits, self.test_splits = ["dev"], ["test"]  # the first dev split is the main one
+    self.weights: np.ndarray | None = None  # "balanced" class weights
+    self.threshold = 0.5
+    self._configure(config.data)
+
+  def _configure(self, d: ConfigDict) -> None:
+    """Read the data config (no data loading): problem type, fields, metric, class weights."""
     problem = d.get("problem_type", "classification") or "classification"
     if problem not in ("classification", "regression"):
       raise UserError(f"data.problem_type={problem!r} is unknown; use 'classification' (with data.multi_label for "
@@ -59,7 +77,8 @@ class ClassificationTask(Task):
                               d.get("label_field", "label"), self.kind == "multi", d.get("label_separator", ","),
                               self.kind == "regression")
     choices = _REGRESSION_METRICS if self.kind == "regression" else _CLASS_METRICS
-    self.main_metric = config.training.get("main_metric") or ("pearson" if self.kind == "regression" else "macro_f1")
+    self.main_metric = (self.config.training.get("main_metric")
+                        or ("pearson" if self.kind == "regression" else "macro_f1"))
     if self.main_metric not in choices:
       raise UserError(f"training.main_metric={self.main_metric!r} is not reported for this task; choose one of "
                       f"{list(choices)}")
@@ -69,10 +88,21 @@ class ClassificationTask(Task):
     self.balanced = weights == "balanced"
     self.threshold = float(d.get("threshold", 0.5))
     self.splits: dict[str, data.Rows] = {}
-    self.targets: dict[str, np.ndarray] = {}
 
   # -- data ---------------------------------------------------------------------------------------------
-  def _read(self) -> dict[str, data.Rows]:
+  def prepare(self) -> None:
+    c = self.config
+    common.check_seq_length(c)
+    self._read()  # the data's mistakes first, before the tokenizer and model are loaded
+    tok, self.tok_source = common.load_tokenizer(c, self.workdir)
+    self.tok = glue.as_tokenizer(tok)
+    glue.special_ids(self.tok)  # [CLS]/[SEP]/[PAD] present
+    self.model_config = common.model_config(c, vocab_size=self.tok.get_vocab_size(), tokenizer=self.tok)
+    self._featurize(toklib.fingerprint(self.tok))
+    self._log_data()
+
+  def _read(self) -> None:
+    """The rows of every split (`self.splits`) and the label set, from files or a hub dataset."""
     d, cache = self.config.data, cache_dir_of(self.config)
     files = {"train": d.get("train_file", ""), "dev": d.get("validation_file", ""), "test": d.get("test_file", "")}
     if d.get("dataset"):
@@ -82,10 +112,13 @@ class ClassificationTask(Task):
                "test": d.get("test_split", "test")}
       out = {s: data.read_hub(d.dataset, names[s], self.fields, cache, s == "train", s != "test")
              for s in ("train", "dev", "test") if names[s]}
-      return {s: r for s, r in out.items() if r is not None}
-    if not files["train"]:
+      self.splits = {s: r for s, r in out.items() if r is not None}
+    elif not files["train"]:
       raise UserError("no training data: set data.train_file (CSV, TSV, JSONL or parquet) or data.dataset")
-    return {s: data.read_file(p, self.fields, cache, s != "test") for s, p in files.items() if p}
+    else:
+      self.splits = {s: data.read_file(p, self.fields, cache, s != "test") for s, p in files.items() if p}
+    self.label_names = ["score"] if self.kind == "regression" else self._resume_labels(
+        data.label_names(self.splits["train"], self.fields))
 
   def _resume_labels(self, names: list[str]) -> list[str]:
     """A resumed run keeps the checkpoint's label order; other classes in the training data are refused."""
@@ -97,21 +130,14 @@ class ClassificationTask(Task):
                       f"data has {names}; use a new --workdir")
     return list(old["label_names"])
 
-  def prepare(self) -> None:
+  def _featurize(self, fp: str) -> None:
+    """Token arrays (cached), the dev split (carved from train when absent), row limits, targets, weights."""
     c, d = self.config, self.config.data
-    common.check_seq_length(c)
-    splits = self._read()
+    splits = self.splits
     train = splits["train"]
-    self.label_names = ["score"] if self.kind == "regression" else self._resume_labels(
-        data.label_names(train, self.fields))
-    self.tok, self.tok_source = common.load_tokenizer(c, self.workdir)
-    self.tok = glue.as_tokenizer(self.tok)
-    glue.special_ids(self.tok)  # [CLS]/[SEP]/[PAD] present
-    self.model_config = common.model_config(c, vocab_size=self.tok.get_vocab_size(), tokenizer=self.tok)
     for rows in splits.values():  # every check first: labels are encoded (and refused) before tokenization
       if rows.labels is not None:
         data.encode_labels(rows, self.label_names, self.fields, train.source)
-    fp = toklib.fingerprint(self.tok)
     for rows in splits.values():
       key = f"classify-v1|{rows.key}|{self.fields.text}|{self.fields.pair}|{fp}|{d.max_seq_length}"
       rows.features = common.cached_arrays(cache_dir_of(c), "classify", key, lambda r=rows: glue.encode_pairs(
@@ -123,11 +149,11 @@ class ClassificationTask(Task):
     limits = {"train": int(d.get("max_train_examples", 0) or 0), "dev": int(d.get("max_eval_examples", 0) or 0),
               "test": int(d.get("max_eval_examples", 0) or 0)}
     self.splits = {s: r.take(range(min(limits[s], len(r)))) if limits[s] else r for s, r in splits.items()}
+    self.features = {s: r.features for s, r in self.splits.items()}
     self.targets = {s: data.encode_labels(r, self.label_names, self.fields, train.source)
                     for s, r in self.splits.items() if r.labels is not None}
     self.weights = (data.class_weights(self.targets["train"], self.num_labels, self.kind == "multi")
                     if self.balanced else None)
-    self._log_data()
 
   def _log_data(self) -> None:
     full = {s: f"{100 * float(np.mean(r.features['attention_mask'][:, -1])):.1f}%" for s, r in self.splits.items()}
@@ -143,26 +169,41 @@ class ClassificationTask(Task):
       logging.info("balanced class weights: %s", dict(zip(self.label_names, np.round(self.weights, 4).tolist())))
 
   def _arrays(self, split: str) -> dict[str, np.ndarray]:
-    feats = self.splits[split].features
+    feats = self.features[split]
     labels = self.targets.get(split)
     if labels is None:  # unlabelled test rows: dummy targets, never scored
-      labels = np.zeros((len(self.splits[split]),) + ((self.num_labels,) if self.kind == "multi" else ()),
+      labels = np.zeros((len(feats["input_ids"]),) + ((self.num_labels,) if self.kind == "multi" else ()),
                         np.float32 if self.kind != "single" else np.int32)
     return {**{k: feats[k] for k in MODEL_KEYS}, "labels": labels}
 
   def train_source(self) -> loader.BatchSource:
     c = self.config
     return loader.BatchSource(self._arrays("train"), c.training.global_batch_size, c.seed, jax.process_index(),
-                              jax.process_count(), name="train", buckets=loader.data_buckets(c.data))
+                              jax.process_count(), name="train", buckets=loader.data_buckets(c.data),
+                              pack_rows=self._pack_rows(c.training.global_batch_size))
 
   def _batches(self, split: str) -> list[loader.Batch]:
     c = self.config
     return loader.eval_batches(self._arrays(split), c.training.eval_batch_size, None, c.seed, jax.process_index(),
-                               jax.process_count(), loader.data_buckets(c.data))
+                               jax.process_count(), loader.data_buckets(c.data),
+                               self._pack_rows(c.training.eval_batch_size))
+
+  def _pack_rows(self, global_batch: int) -> int:
+    """`data.packing`: several examples per row (loader.Packer), rows in multiples of this; 0 = off."""
+    if not self.config.data.get("packing", False):
+      return 0
+    if int(self.config.training.get("grad_accum_steps", 1)) > 1:
+      raise UserError("data.packing=True does not combine with training.grad_accum_steps > 1; turn one off")
+    if self.kind == "multi":  # loader.Packer tells token arrays by their width, which a [N, K] target may share
+      raise UserError("data.packing=True does not combine with data.multi_label=True; turn one off")
+    return math.lcm(jax.local_device_count(), max(1, global_batch // jax.process_count() // 8))
 
   def eval_batches(self) -> list[loader.Batch]:
+    """The main dev split's batches, then those of the other dev splits (GLUE's MNLI mismatched)."""
     if not hasattr(self, "_eval"):
-      self._eval = self._batches("dev")
+      per_split = [self._batches(s) for s in self.dev_splits]
+      self._eval_counts = [len(b) for b in per_split]
+      self._eval = [b for bs in per_split for b in bs]
     return self._eval
 
   # -- model ----------------------------------------------------------------------------------------------
@@ -192,7 +233,7 @@ class ClassificationTask(Task):
 
   def loss_fn(self, model, batch, rngs, deterministic):
     logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                   deterministic=deterministic, rngs=rngs)
+                   deterministic=deterministic, rngs=rngs, **loader.packed_inputs(batch))
     per, lw = self._losses(logits, batch["labels"])
     w = batch.get("example_weights")
     w = jnp.ones(per.shape, jnp.float32) if w is None else w.astype(jnp.float32)
@@ -203,8 +244,9 @@ class ClassificationTask(Task):
     return total / jnp.maximum(n, 1e-9), out
 
   def predict_step(self, model, batch) -> dict[str, jax.Array]:
-    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=True)
-    return {"logits": logits, "example_weights": batch["example_weights"]}
+    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=True,
+                   **loader.packed_inputs(batch))
+    return {"logits": logits, "labels": batch["labels"], "example_weights": batch["example_weights"]}
 
   # -- metrics and outputs --------------------------------------------------------------------------------
   def _scores(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -237,10 +279,21 @@ class ClassificationTask(Task):
     return out
 
   def compute_metrics(self, outputs: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """`dev_metrics` of each dev split; those of a split after the main one are prefixed (`mismatched_...`)."""
+    self.eval_batches()
+    out, start = {}, 0
+    for split, count in zip(self.dev_splits, self._eval_counts):
+      logits = valid_rows(outputs[start:start + count])["logits"]
+      start += count
+      prefix = "" if split == self.dev_splits[0] else split.replace("dev_", "") + "_"
+      out.update({prefix + k: v for k, v in self.dev_metrics(split, logits).items()})
+    return out
+
+  def dev_metrics(self, split: str, logits: np.ndarray) -> dict[str, float]:
     """Dev scalars for TensorBoard / early stopping; the per-class table goes to the log."""
-    rep = self.report("dev", valid_rows(outputs)["logits"])
+    rep = self.report(split, logits)
     if "per_class" in rep:
-      logging.info("dev per-class report:\n%s", metrics.report_table(rep))
+      logging.info("%s per-class report:\n%s", split, metrics.report_table(rep))
     return {k: v for k, v in rep.items() if not isinstance(v, (dict, list))}
 
   def save_assets(self, workdir: str) -> None:
