@@ -86,6 +86,8 @@ class ClassificationTask(Task):
     if weights not in ("", "balanced") or (weights and self.kind == "regression"):
       raise UserError(f"data.class_weights={weights!r}: use 'balanced' (classification only) or ''")
     self.balanced = weights == "balanced"
+    if self.kind == "multi" and d.get("packing", False):  # loader.Packer tells token arrays by their width, which
+      raise UserError("data.packing=True does not combine with data.multi_label=True; turn one off")  # [N, K] may share
     self.threshold = float(d.get("threshold", 0.5))
     self.splits: dict[str, data.Rows] = {}
 
@@ -194,8 +196,6 @@ class ClassificationTask(Task):
       return 0
     if int(self.config.training.get("grad_accum_steps", 1)) > 1:
       raise UserError("data.packing=True does not combine with training.grad_accum_steps > 1; turn one off")
-    if self.kind == "multi":  # loader.Packer tells token arrays by their width, which a [N, K] target may share
-      raise UserError("data.packing=True does not combine with data.multi_label=True; turn one off")
     return math.lcm(jax.local_device_count(), max(1, global_batch // jax.process_count() // 8))
 
   def eval_batches(self) -> list[loader.Batch]:
