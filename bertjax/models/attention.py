@@ -3,7 +3,9 @@
 `model.attention` picks the kernel: "xla" (einsum + float32 softmax, the only path with attention-probability
 dropout), "cudnn" (`jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs, bfloat16/float16),
 "splash" (`jax.experimental.pallas.ops.tpu.splash_attention`, TPUs) or "auto" (a fused kernel when the platform,
-dtype, shape and `attention_probs_dropout_prob == 0` allow it, else XLA; one log line says which and why).
+dtype, shape and `attention_probs_dropout_prob == 0` allow it, else XLA; one log line says which and why). On a
+mesh of several devices the fused kernels run per device under `shard_map` over batch and heads (the mesh and
+rules in scope, `bertjax.models.partitioning`); the platform is that mesh's (a cross-compile's target).
 
 Masks come in two forms: `key_mask` [B, T] bool (padding; BERT batches are right-padded, which the cuDNN path
 relies on: it passes the mask as sequence lengths) or `segment_ids` [B, T] int (0 = padding, k > 0 = the k-th
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bertjax.errors import UserError
+from bertjax.models import partitioning
 
 CHOICES = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # splash's tiles are multiples of 128 tokens
@@ -33,8 +36,8 @@ def _log_once(msg: str) -> None:
 
 
 def _platform() -> tuple[str, str]:
-  dev = jax.devices()[0]
-  return dev.platform, getattr(dev, "device_kind", "")
+  platform, kind = partitioning.platform()
+  return ("gpu" if platform == "cuda" else platform), kind
 
 
 def _cudnn_problem(dtype, head_dim: int) -> str | None:
@@ -76,8 +79,6 @@ def choose(requested: str, *, dtype, dropout: float, seq_len: int, head_dim: int
   platform, kind = _platform()
   if platform == "tpu":
     fused, problem = "splash", _splash_problem(seq_len, interpret)
-    if problem is None and jax.device_count() > 1:
-      problem = "runs per device and is not wrapped in shard_map for a multi-device mesh yet"
   elif platform == "gpu":
     fused, problem = "cudnn", _cudnn_problem(dtype, head_dim)
   else:
@@ -153,7 +154,21 @@ def dot_product_attention(q, k, v, *, key_mask=None, segment_ids=None, implement
   if implementation == "xla":
     return _xla(q, k, v, key_mask, segment_ids, dropout_fn)
   if implementation == "cudnn":
-    return _cudnn(q, k, v, key_mask, segment_ids)
+    return _per_device(_cudnn, q, k, v, key_mask, segment_ids)
   if implementation == "splash":
-    return _splash(q, k, v, key_mask, segment_ids, interpret)
+    return _per_device(lambda *a: _splash(*a, interpret), q, k, v, key_mask, segment_ids)
   raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+def _per_device(kernel, q, k, v, key_mask, segment_ids):
+  """A fused kernel on each device's rows and heads (`shard_map` over batch and heads, as MaxText runs splash)
+  when a mesh is in scope (`partitioning.use`); the kernel as it is otherwise. The sequence stays whole."""
+  scope = partitioning.current()
+  if scope is None or scope[0].size == 1:
+    return kernel(q, k, v, key_mask, segment_ids)
+  mesh, rules = scope
+  qkv, _ = partitioning.spec(("batch", None, "heads", None), q.shape, mesh, rules)
+  rows, _ = partitioning.spec(("batch", None), q.shape[:2], mesh, rules)
+  mask = key_mask if segment_ids is None else segment_ids
+  fn = lambda q1, k1, v1, m1: kernel(q1, k1, v1, *((m1, None) if segment_ids is None else (None, m1)))
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, rows), out_specs=qkv, check_vma=False)(q, k, v, mask)

@@ -4,7 +4,8 @@ Every attribute name matches transformers' module path (`encoder.layer.3.attenti
 conversion is a key rename plus a transpose of Linear kernels (see `bertjax/convert`). Post-LayerNorm, exact
 (erf) GELU, learned absolute positions, token types, tanh pooler. Parameters are float32; `dtype` sets the
 compute dtype; attention runs through `bertjax.models.attention` (XLA with a float32 softmax, or a fused cuDNN /
-splash kernel; `model.attention`). Every parameter carries logical axis names that `bertjax.train.sharding` maps
+splash kernel; `model.attention`). Every parameter and the main activations (hidden states, queries/keys/values, the
+MLP's inner activation) carry logical axis names that `bertjax.train.sharding` / `bertjax.models.partitioning` map
 onto the mesh. `remat` recomputes each layer's activations in the backward pass; `scan_layers` runs the layers
 under one `jax.lax.scan` (one layer body to compile) while the parameters stay per layer, so checkpoints, HF
 conversion and path-based freezing see the same tree either way. A pruned model (`heads_per_layer`, written by
@@ -23,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from bertjax.errors import UserError
-from bertjax.models import attention as attn
+from bertjax.models import attention as attn, partitioning
 from bertjax.models.dropout import Dropout
 
 # Google's published BERT shapes (Turc et al. 2019 miniatures + the paper's base/large).
@@ -39,6 +40,9 @@ PRESETS: dict[str, dict[str, int]] = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 # How a run computes, not what it learnt: free to change between runs of the same checkpoint; not HF config.
+# Logical axes of the activations (`partitioning.constrain` pins them on a mesh, through the logical axis rules).
+HIDDEN = ("batch", "length", "embed")
+QKV = ("batch", "length", "heads", None)
 RUNTIME_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dtype", "attention", "remat", "scan_layers")
 
 
@@ -162,6 +166,13 @@ def embed(cfg: BertConfig, num: int, names: tuple, rngs: nnx.Rngs) -> nnx.Embed:
                    dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
+def lookup(table: nnx.Embed, ids, names: tuple = (None, None)):
+  """Rows `ids` of an embedding table (as `nnx.Embed` computes them) with the table laid out as `names` first: its
+  `embed` shards gathered, as FSDP gathers a weight, so that the lookup never gathers the batch's activations
+  (without it XLA all-gathers the whole global batch of embeddings when embed and batch share the fsdp axis)."""
+  return jnp.take(partitioning.constrain(table.embedding[...].astype(table.dtype), names), ids, axis=0)
+
+
 class BertEmbeddings(nnx.Module):
   """Word + learned position + token-type embeddings, then LayerNorm and dropout."""
 
@@ -174,8 +185,8 @@ class BertEmbeddings(nnx.Module):
 
   def __call__(self, input_ids, token_type_ids, *, position_ids=None, deterministic: bool, rngs: nnx.Rngs | None):
     positions = jnp.arange(input_ids.shape[-1])[None, :] if position_ids is None else position_ids
-    x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
-         + self.token_type_embeddings(token_type_ids))
+    x = (lookup(self.word_embeddings, input_ids, ("vocab", None)) + lookup(self.position_embeddings, positions)
+         + lookup(self.token_type_embeddings, token_type_ids))
     return self.dropout(self.LayerNorm(x), deterministic=deterministic, rngs=rngs)
 
 
@@ -198,7 +209,7 @@ class BertSelfAttention(nnx.Module):
 
   def __call__(self, x, mask, segment_ids=None, *, deterministic: bool, rngs: nnx.Rngs | None):
     b, t, _ = x.shape
-    split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
+    split = lambda y: partitioning.constrain(y.reshape(b, t, self.num_heads, self.head_dim), QKV)
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
     impl = attn.choose(self.implementation, dtype=q.dtype, dropout=self.dropout.rate, seq_len=t,
                        head_dim=self.head_dim)
@@ -208,7 +219,7 @@ class BertSelfAttention(nnx.Module):
     if self.head_mask is not None:
       m = jnp.asarray(self.head_mask, out.dtype)
       out = out * (m[None, None, :, None] if m.ndim == 1 else m[:, None, :, None])
-    return out.reshape(b, t, self.num_heads * self.head_dim)
+    return partitioning.constrain(out.reshape(b, t, self.num_heads * self.head_dim), ("batch", "length", "heads"))
 
 
 class BertSelfOutput(nnx.Module):
@@ -245,7 +256,7 @@ class BertIntermediate(nnx.Module):
     self.hidden_act = cfg.hidden_act
 
   def __call__(self, x):
-    return activation(self.hidden_act)(self.dense(x))
+    return partitioning.constrain(activation(self.hidden_act)(self.dense(x)), ("batch", "length", "mlp"))
 
 
 class BertOutput(nnx.Module):
@@ -272,8 +283,8 @@ class BertLayer(nnx.Module):
     self.output = BertOutput(cfg, rngs)
 
   def __call__(self, x, mask, segment_ids=None, *, deterministic: bool, rngs: nnx.Rngs | None):
-    a = self.attention(x, mask, segment_ids, deterministic=deterministic, rngs=rngs)
-    return self.output(self.intermediate(a), a, deterministic=deterministic, rngs=rngs)
+    a = partitioning.constrain(self.attention(x, mask, segment_ids, deterministic=deterministic, rngs=rngs), HIDDEN)
+    return partitioning.constrain(self.output(self.intermediate(a), a, deterministic=deterministic, rngs=rngs), HIDDEN)
 
 
 class BertEncoder(nnx.Module):
@@ -355,6 +366,7 @@ class BertModel(nnx.Module):
     if segment_ids is None:
       mask = (jnp.ones_like(input_ids) if attention_mask is None else attention_mask).astype(bool)
     x = self.embeddings(input_ids, token_type_ids, position_ids=position_ids, deterministic=deterministic, rngs=rngs)
+    x = partitioning.constrain(x, HIDDEN)
     x = self.encoder(x, mask, segment_ids, deterministic=deterministic, rngs=rngs)
     pooled = self.pooler(x) if self.pooler is not None else None
     return x, pooled

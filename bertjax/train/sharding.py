@@ -14,8 +14,9 @@ dimension that the mapped mesh axes do not divide evenly is replicated instead (
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -25,6 +26,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from bertjax.errors import UserError
+from bertjax.models import partitioning
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -124,25 +126,21 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], me
                     rules: Sequence[tuple[str, Any]], what: str = "") -> P:
   """Logical names of one array -> PartitionSpec, replicating dims the mesh axes don't divide (logged when
   `what` names the array)."""
-  if not names:
-    return P()
-  table = dict(rules)
-  used: set[str] = set()
-  spec = []
-  for i, (name, dim) in enumerate(zip(names, shape)):
-    axes = table.get(name) if name is not None else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if a in mesh.shape and a not in used and mesh.shape[a] > 1)
-    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if not axes or dim % size:
-      if axes and what:
-        logging.info("%s: dimension %d (%s, size %d) is not divisible by mesh axes %s (%d); replicated",
-                     what, i, name, dim, "x".join(axes), size)
-      spec.append(None)
-      continue
-    used.update(axes)
-    spec.append(axes[0] if len(axes) == 1 else axes)
-  return P(*spec)
+  spec, dropped = partitioning.spec(names, shape, mesh, rules)
+  for i, name, dim, axes, size in dropped if what else ():
+    logging.info("%s: dimension %d (%s, size %d) is not divisible by mesh axes %s (%d); replicated",
+                 what, i, name, dim, axes, size)
+  return spec
+
+
+def under_rules(fn: Callable, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Callable:
+  """`fn` traced with the mesh and logical axis rules in scope: the model then pins its activations' layouts and
+  runs fused attention per device (`bertjax.models.partitioning`)."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with partitioning.use(mesh, rules):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def param_shardings(model: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> dict:

@@ -82,6 +82,12 @@ class Trainer:
     else:  # fine-tuning recipes count epochs
       self.num_train_steps = max(1, int(np.ceil(t.num_epochs * self.source.steps_per_epoch)))
     self.eval_every = int(t.eval_every_steps) if t.eval_every_steps > 0 else self.source.steps_per_epoch
+    self.setup_steps()
+
+  def setup_steps(self) -> None:
+    """Abstract model and optimizer state, their shardings and the jitted steps: from `task.model_config` and
+    `num_train_steps` alone, no data (`bertjax.compile` calls it to compile this step for a target)."""
+    cfg, t = self.config, self.config.training
     abstract = nnx.eval_shape(lambda: self.build_model(nnx.Rngs(cfg.seed)))
     self.graphdef = nnx.graphdef(abstract)
     self.full_sh = sharding.param_shardings(abstract, self.mesh, self.rules)
@@ -198,7 +204,7 @@ class Trainer:
       return params, opt_state, mlib.from_outputs(m)
 
     step_fn = jax.jit(
-        train_step, donate_argnums=(0, 2),
+        sharding.under_rules(train_step, self.mesh, self.rules), donate_argnums=(0, 2),
         in_shardings=(self.param_sh, self.frozen_sh, self.opt_sh, self.batch_sh, self.repl, self.repl),
         out_shardings=(self.param_sh, self.opt_sh, self.repl))
     # The frozen base rides along as a non-donated argument; callers keep the (params, opt_state, ...) signature.
@@ -209,12 +215,12 @@ class Trainer:
       _, m = task.loss_fn(model, batch, None, True)
       return mlib.from_outputs(m)
 
-    eval_fn = jax.jit(eval_step, in_shardings=(self.param_sh, self.frozen_sh, self.eval_batch_sh),
-                      out_shardings=self.repl)
+    eval_fn = jax.jit(sharding.under_rules(eval_step, self.mesh, self.rules),
+                      in_shardings=(self.param_sh, self.frozen_sh, self.eval_batch_sh), out_shardings=self.repl)
     self.eval_step = self._with_frozen(eval_fn, 1)
     if task.predicts:
-      predict_fn = jax.jit(lambda params, frozen, batch: task.predict_step(
-          nnx.merge(graphdef, split.combine(params, frozen)), batch),
+      predict_fn = jax.jit(sharding.under_rules(lambda params, frozen, batch: task.predict_step(
+          nnx.merge(graphdef, split.combine(params, frozen)), batch), self.mesh, self.rules),
                            in_shardings=(self.param_sh, self.frozen_sh, self.eval_batch_sh))
       self.predict_step = self._with_frozen(predict_fn, 1)
 
