@@ -260,6 +260,8 @@ class Compiler:
     trainer, lowered, shapes = self.lower(global_batch)
     config = trainer.config
     result = {"target": self.target.name, "chips": len(self.target.devices), "global_batch": global_batch,
+              "slices": len({getattr(d, "slice_index", 0) for d in self.target.devices}),
+              "hosts": len({(getattr(d, "slice_index", 0), d.process_index) for d in self.target.devices}),
               "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
               "param_bytes": per_device_bytes(trainer.abstract_params),
               "opt_bytes": per_device_bytes(trainer.abstract_opt), "chip_memory_bytes": self.target.chip.memory}
@@ -344,7 +346,7 @@ def _gib(b) -> str:
 
 
 def report(r: dict) -> None:
-  print(f"target {r['target']}: {r['chips']} chips, mesh {r['mesh']}, global batch {r['global_batch']} "
+  print(f"target {r['target']}: {r['chips']} chips ({r['slices']} slice(s), {r['hosts']} host(s)), mesh {r['mesh']}, global batch {r['global_batch']} "
         f"(compiled in {r['compile_s']} s)")
   print(f"  per chip: parameters {_gib(r['param_bytes'])}, optimizer state {_gib(r['opt_bytes'])}, temporaries "
         f"{_gib(r['temp_bytes'])}, total {_gib(r['total_bytes'])} of {_gib(r['chip_memory_bytes'])}")
@@ -364,9 +366,9 @@ def main(argv):
   if FLAGS.num_slices < 1:
     raise UserError(f"--num_slices={FLAGS.num_slices}: use 1 or more")
   target = resolve_target(FLAGS.target, FLAGS.num_slices)
-  if FLAGS.num_slices > 1 and not dict(config.mesh.get("dcn_shape", {}) or {}):
+  if FLAGS.num_slices > 1 and all(int(v) == 1 for v in dict(config.mesh.get("dcn_shape", {}) or {}).values()):
     with config.unlocked():
-      config.mesh.dcn_shape = {"data": -1}
+      config.mesh.dcn_shape = {"data": -1, "fsdp": 1, "tensor": 1}
   comp = Compiler(config, target)
   result = comp.compile(int(config.training.global_batch_size))
   if FLAGS.find_max_batch:

@@ -9,7 +9,10 @@ full mesh is their elementwise product. Slices are TPU slices (`device.slice_ind
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `mlp`, `norm`, None) set where they are
 created; `config.mesh.logical_axis_rules` (defaults in `bertjax/config.py`) maps each name to mesh axes. A
 dimension that the mapped mesh axes do not divide evenly is replicated instead (e.g. an odd vocabulary on
-`tensor`), and that is logged once per parameter.
+`tensor`), and that is logged once per parameter. The same rules place the activations: the Trainer traces its
+steps `under_rules`, where the model pins hidden states, queries/keys/values and the MLP activation by their
+logical names (`batch`, `length`, `embed`, `heads`, `mlp`; `bertjax.models.partitioning`) and runs fused attention
+per device under `shard_map`.
 """
 
 from __future__ import annotations
