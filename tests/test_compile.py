@@ -83,7 +83,8 @@ def _cuda_compiler_path() -> str | None:
   path = os.environ.get("BERTJAX_CUDA_COMPILER")
   if path and os.path.isdir(os.path.join(path, "jax_plugins")):
     return path
-  return "" if importlib.util.find_spec("jax_plugins.xla_cuda12") else None
+  found = importlib.util.find_spec("jax_plugins") and importlib.util.find_spec("jax_plugins.xla_cuda12")
+  return "" if found else None
 
 
 @pytest.mark.skipif(_cuda_compiler_path() is None, reason="needs the CUDA plugin, ptxas and cuDNN (.[gpu])")
