@@ -235,7 +235,9 @@ class Compiler:
     with config.unlocked():
       config.training.global_batch_size = global_batch
       config.training.eval_batch_size = global_batch
-    trainer = Trainer(config, "/nonexistent-compile-only", devices=self.target.devices)
+    one = jax.sharding.Mesh(np.array(self.target.devices[:1]), ("data",))
+    with partitioning.use(one, self.rules):  # the config checks see the target's platform too
+      trainer = Trainer(config, "/nonexistent-compile-only", devices=self.target.devices)
     with partitioning.use(trainer.mesh, self.rules):  # attention.choose sees the target's platform
       trainer.task.model_config = model_config(config)
       trainer.num_train_steps = max(1, int(config.training.num_train_steps))
