@@ -5,6 +5,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("BERTJAX_COMPILATION_CACHE", "off")  # tests never write XLA's cache under ~/.cache
+# The tests run on (simulated) CPU devices; with libtpu installed (the [tpu] extra, for the compile-for-TPU checks) JAX
+# would otherwise try to open a TPU in every test process. Compiling for a TPU topology works without it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402
 

@@ -78,7 +78,8 @@ def _assert_same(placed, host, shardings):
 def test_placement_from_hf_and_checkpoint_equals_host_loading(tmp_path):
   """place.from_hf / from_checkpoint build each shard from its slice: the same values and report as the numpy
   loaders, already on the target shardings (fsdp x tensor, with a replicated odd intermediate size)."""
-  from bertjax.convert import commands, hf, place
+  from bertjax.artifacts import place
+  from bertjax.convert import commands, hf
   _tiny_hf(tmp_path / "src")
   cfg = hf.read_config(str(tmp_path / "src"))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
