@@ -141,13 +141,21 @@ def _mistake(case: str, tmp_path: Path) -> tuple[dict, str]:
   if case == "missing label":
     bad = write(tmp_path / "bad.csv", ROWS[:4] + [("no label here", "")])
     return {"train_file": bad}, f"{bad}: row 5: no label in field 'label'"
+  if case == "header only":
+    bad = tmp_path / "header.csv"
+    bad.write_text("text,label\n\n")
+    return {"train_file": str(bad)}, f"{bad} has no rows (only a header?)"
+  if case == "empty file":
+    bad = tmp_path / "empty.jsonl"
+    bad.write_text("")
+    return {"train_file": str(bad)}, f"{bad} has no rows (an empty file)"
   one = write(tmp_path / "one.jsonl", [(t, "pos") for t, _ in ROWS])  # one class
   return {"train_file": one}, f"{one}: every row has label 'pos'; a classifier needs at least two classes"
 
 
 @pytest.mark.parametrize("case", ["unseen dev label", "unseen test label", "empty text", "missing field",
                                   "missing field in a row", "missing label", "malformed file",
-                                  "one class"])
+                                  "one class", "header only", "empty file"])
 def test_data_mistakes_are_one_line_user_errors(case, tmp_path, cache_dir):
   from bertjax.errors import UserError
   settings, expected = _mistake(case, tmp_path)

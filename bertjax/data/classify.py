@@ -72,6 +72,9 @@ def _load_file(path: str, cache_dir: str):
   ext = os.path.splitext(path)[1].lower()
   if ext not in _KINDS:
     raise UserError(f"{path}: unknown file type {ext or '(none)'}; use .csv, .tsv, .jsonl/.json or .parquet")
+  if ext in (".csv", ".tsv", ".jsonl", ".json") and _without_rows(path, header=ext in (".csv", ".tsv")):
+    raise UserError(f"{path} has no rows" + (" (only a header?)" if os.path.getsize(path) else " (an empty file)")
+                    + f"; give one example a line{' after the header' if ext in ('.csv', '.tsv') else ''}")
   kwargs: dict[str, Any] = {}
   if ext in (".csv", ".tsv"):  # keep "NA", "None", "null" as text; TSV: quotes are literal (GLUE's convention)
     kwargs = {"keep_default_na": False, **({"sep": "\t", "quoting": csv.QUOTE_NONE} if ext == ".tsv" else {})}
@@ -86,6 +89,15 @@ def _load_file(path: str, cache_dir: str):
   finally:
     if bars:
       datasets.enable_progress_bars()
+
+
+def _without_rows(path: str, header: bool) -> bool:
+  """True when a text file holds no data line (blank lines aside; for CSV / TSV, none after the header)."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = (line for line in f if line.strip())
+    if header:
+      next(lines, None)
+    return next(lines, None) is None
 
 
 def read_file(path: str, fields: Fields, cache_dir: str, labelled: bool) -> Rows:
