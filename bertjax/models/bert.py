@@ -222,11 +222,12 @@ class BertSelfAttention(nnx.Module):
     return partitioning.constrain(out.reshape(b, t, self.num_heads * self.head_dim), ("batch", "length", "heads"))
 
 
-class BertSelfOutput(nnx.Module):
+class ResidualOutput(nnx.Module):
+  """dense back to the hidden size, dropout, (an adapter), then LayerNorm of the sum with the residual: the end of
+  both sub-blocks (BertSelfOutput after attention, BertOutput after the MLP; transformers' names and paths)."""
 
-  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, num_heads: int | None = None):
-    inner = (cfg.num_attention_heads if num_heads is None else num_heads) * cfg.head_dim
-    self.dense = dense(cfg, inner, cfg.hidden_size, ("heads", "embed"), rngs)
+  def __init__(self, cfg: BertConfig, in_features: int, axes: tuple[str, str], rngs: nnx.Rngs):
+    self.dense = dense(cfg, in_features, cfg.hidden_size, axes, rngs)
     self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
     self.dropout = Dropout(cfg.hidden_dropout_prob)
     self.adapter = nnx.data(None)  # a bottleneck adapter set by bertjax.peft (peft.method=adapter)
@@ -236,6 +237,13 @@ class BertSelfOutput(nnx.Module):
     if self.adapter is not None:
       h = self.adapter(h, deterministic=deterministic, rngs=rngs)
     return self.LayerNorm(h + residual)
+
+
+class BertSelfOutput(ResidualOutput):
+
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, num_heads: int | None = None):
+    inner = (cfg.num_attention_heads if num_heads is None else num_heads) * cfg.head_dim
+    super().__init__(cfg, inner, ("heads", "embed"), rngs)
 
 
 class BertAttention(nnx.Module):
@@ -259,19 +267,10 @@ class BertIntermediate(nnx.Module):
     return partitioning.constrain(activation(self.hidden_act)(self.dense(x)), ("batch", "length", "mlp"))
 
 
-class BertOutput(nnx.Module):
+class BertOutput(ResidualOutput):
 
   def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-    self.dense = dense(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs)
-    self.LayerNorm = layer_norm(cfg, cfg.hidden_size, rngs)
-    self.dropout = Dropout(cfg.hidden_dropout_prob)
-    self.adapter = nnx.data(None)  # a bottleneck adapter set by bertjax.peft (peft.method=adapter)
-
-  def __call__(self, h, residual, *, deterministic: bool, rngs: nnx.Rngs | None):
-    h = self.dropout(self.dense(h), deterministic=deterministic, rngs=rngs)
-    if self.adapter is not None:
-      h = self.adapter(h, deterministic=deterministic, rngs=rngs)
-    return self.LayerNorm(h + residual)
+    super().__init__(cfg, cfg.intermediate_size, ("mlp", "embed"), rngs)
 
 
 class BertLayer(nnx.Module):
