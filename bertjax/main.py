@@ -24,8 +24,7 @@ from bertjax import config as shared_config
 from bertjax import logs
 from bertjax.data.corpus import default_cache_dir
 from bertjax.errors import Diverged, UserError
-from bertjax.train import progress, resilience
-from bertjax.train.trainer import train_and_evaluate
+from bertjax.train import progress, resilience, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -102,7 +101,7 @@ def main(argv):
   logging.info("JAX %s on %d devices (%s), process %d/%d; workdir %s", jax.__version__, jax.device_count(),
                jax.devices()[0].platform, jax.process_index(), jax.process_count(), shown)
   logs.dataset_progress_bars(progress.want_bar(config.training.get("progress_bar", "auto")))
-  train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir)
 
 
 def compilation_cache(config) -> str | None:
