@@ -11,8 +11,8 @@ Element i hashes the counter (low word, high word) of its 64-bit flat index, so 
 would wrap past 2**32 elements: BERT-large attention dropout at sequence 512 and a global batch of ~1,024). Below
 2**32 elements the high word is 0 and the masks are those of earlier versions bit for bit.
 
-The fused mask is for XLA:CPU only. On accelerators (`jax.default_backend()` not "cpu") dropout is `nnx.Dropout`'s
-`jax.random.bernoulli`, whose Threefry counters are partitionable (`jax_threefry_partitionable`, on by default
+The fused mask is for XLA:CPU only. On accelerators (the platform of the devices in scope not "cpu") dropout is
+`nnx.Dropout`'s `jax.random.bernoulli`, whose Threefry counters are partitionable (`jax_threefry_partitionable`, on by default
 since jax 0.5; a sharded mask is generated shard by shard, with no all-gather) and 64-bit. Keys of another
 implementation (`jax_default_prng_impl=rbg` / `unsafe_rbg`, e.g. to use a TPU's hardware generator) go through that
 path too.
@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from bertjax.models import partitioning
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -92,8 +94,9 @@ def keep_mask(key, shape, keep_prob: float, indices=None):
 
 
 def fused_here() -> bool:
-  """Whether `Dropout` uses the fused mask: on XLA:CPU (the default backend) only."""
-  return jax.default_backend() == "cpu"
+  """Whether `Dropout` uses the fused mask: on XLA:CPU only. The platform is that of the devices in scope
+  (`partitioning.platform`), so `bertjax.compile` on a CPU host traces a TPU / GPU target's `jax.random` path."""
+  return partitioning.platform()[0] == "cpu"
 
 
 def _is_threefry(key) -> bool:
