@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bertjax.models.bert import BertConfig  # noqa: E402
+from bertjax.models.bert import BertConfig, train_flops_per_sequence  # noqa: E402
 from bertjax.models.heads import BertForPreTraining  # noqa: E402
 from bertjax.tasks import losses  # noqa: E402  (jax, optax and the numpy-only loader)
 from bertjax.tasks.losses import pretraining_weights  # noqa: E402
@@ -138,11 +138,6 @@ def train_step_time(cfg: BertConfig, batch: dict, steps: int) -> tuple[float, fl
   return (time.perf_counter() - t0) / steps, compile_s, n
 
 
-def flops_per_sequence(cfg: BertConfig, n: int, t: int, p: int) -> float:
-  d, L = cfg.hidden_size, cfg.num_hidden_layers
-  return 6 * n * t + 12 * L * d * t * t + 6 * p * (d * d + d * cfg.vocab_size)
-
-
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--smoke", action="store_true", help="tiny model and shapes (CPU, seconds)")
@@ -193,7 +188,7 @@ def main(argv=None) -> list[dict]:
       except Exception as e:  # a kernel this machine's JAX / driver cannot run: report it, go on
         print(f"{t:>5} {b:>6} {kernel:>9}  failed: {type(e).__name__}: {' '.join(str(e).split())[:160]}")
         continue
-      fps = flops_per_sequence(cfg, n, t, p) * b / dt
+      fps = train_flops_per_sequence(cfg, n, t, p) * b / dt
       row = dict(seq=t, batch=b, attention=kernel, compile_s=compile_s, step_s=dt, seq_per_s=b / dt,
                  mfu_peak=None if peak is None else fps / peak, mfu_matmul=fps / measured)
       rows.append(row)

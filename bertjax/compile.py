@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -36,8 +35,8 @@ from bertjax import main as entry
 from bertjax.data import pretraining as pt
 from bertjax.errors import UserError
 from bertjax.models import partitioning
+from bertjax.models.bert import train_flops_per_sequence
 from bertjax.tasks import common
-from bertjax.train import sharding
 from bertjax.train.trainer import Trainer
 
 FLAGS = flags.FLAGS
@@ -179,13 +178,6 @@ def batch_shapes(config, cfg, global_batch: int) -> dict[str, tuple[tuple[int, .
   return {k: ((global_batch, *v.shape[1:]), v.dtype) for k, v in one.items()}
 
 
-def flops_per_sequence(cfg, n_encoder: int, t: int, p: int) -> float:
-  """Training FLOPs of one sequence: 6 per encoder parameter and token, attention's 12 L d t^2, the MLM head on
-  the `p` predicted positions (as benchmarks/accelerator.py counts them)."""
-  d, layers = cfg.hidden_size, cfg.num_hidden_layers
-  return 6 * n_encoder * t + 12 * layers * d * t * t + 6 * p * (d * d + d * cfg.vocab_size)
-
-
 def per_device_bytes(tree) -> int:
   """Bytes one device holds of a sharded abstract tree (the largest device, each shard counted)."""
   total = 0
@@ -288,7 +280,7 @@ class Compiler:
     n_enc = sum(int(np.prod(x.shape)) for p, x in jax.tree_util.tree_leaves_with_path(trainer.abstract_params)
                 if "'bert'" in jax.tree_util.keystr(p) and "embeddings" not in jax.tree_util.keystr(p))
     seq = int(config.data.max_seq_length)
-    rows_flops = flops_per_sequence(trainer.task.model_config, n_enc, seq, shapes["masked_positions"][0][-1])
+    rows_flops = train_flops_per_sequence(trainer.task.model_config, n_enc, seq, shapes["masked_positions"][0][-1])
     flops = rows_flops * global_batch
     chip, n = self.target.chip, len(self.target.devices)
     # HBM traffic per device and step, roughly: parameters read twice and written, optimizer state read and

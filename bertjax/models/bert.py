@@ -369,3 +369,12 @@ class BertModel(nnx.Module):
     x = self.encoder(x, mask, segment_ids, deterministic=deterministic, rngs=rngs)
     pooled = self.pooler(x) if self.pooler is not None else None
     return x, pooled
+
+
+def train_flops_per_sequence(cfg: BertConfig, n_encoder: int, t: int, p: int) -> float:
+  """Training FLOPs of one sequence of `t` tokens: 6 per encoder parameter (`n_encoder`) and token, attention's
+  12 L d t^2, and the MLM head on the `p` predicted positions. XLA's cost analysis counts a scanned layer once, so
+  the compile command and the accelerator benchmark take FLOPs (and MFU) from this formula."""
+  d, layers = cfg.hidden_size, cfg.num_hidden_layers
+  return 6 * n_encoder * t + 12 * layers * d * t * t + 6 * p * (d * d + d * cfg.vocab_size)
+

@@ -12,8 +12,8 @@ would wrap past 2**32 elements: BERT-large attention dropout at sequence 512 and
 2**32 elements the high word is 0 and the masks are those of earlier versions bit for bit.
 
 The fused mask is for XLA:CPU only. On accelerators (the platform of the devices in scope not "cpu") dropout is
-`nnx.Dropout`'s `jax.random.bernoulli`, whose Threefry counters are partitionable (`jax_threefry_partitionable`, on by default
-since jax 0.5; a sharded mask is generated shard by shard, with no all-gather) and 64-bit. Keys of another
+`nnx.Dropout`'s `jax.random.bernoulli`, whose Threefry counters are partitionable (`jax_threefry_partitionable`, on
+by default since jax 0.5; a sharded mask is generated shard by shard, with no all-gather) and 64-bit. Keys of another
 implementation (`jax_default_prng_impl=rbg` / `unsafe_rbg`, e.g. to use a TPU's hardware generator) go through that
 path too.
 """
