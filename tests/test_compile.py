@@ -15,6 +15,7 @@ import pytest
 
 from bertjax import compile as bc
 from bertjax.errors import UserError
+from bertjax.train import sharding
 from configs import mlm
 
 from conftest import REPO
@@ -109,3 +110,21 @@ def test_target_names():
     bc.resolve_target("v9-8")
   with pytest.raises(UserError, match="1 to 8 GPUs"):
     bc.resolve_target("h100x9")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("target,shape", [
+    ("v5e-256", {"data": -1}),  # the default mesh: make_mesh walked the torus, interleaving the 64 hosts' chips
+    ("v5e-256", {"data": -1, "fsdp": 4}),  # fsdp along a torus row spans two hosts
+    ("v5e-256", {"data": -1, "fsdp": 16}),
+    ("v4-32", {"data": -1, "fsdp": 2}),
+    ("v6e-64", {"data": -1, "fsdp": 4}),  # make_mesh cannot lay this one out at all
+])
+def test_multi_host_slice_gives_each_process_its_block_of_rows(target, shape):
+  """The loader gives process p rows [p B/P, (p+1) B/P) of every global batch: the mesh must place them there."""
+  devices = bc.resolve_target(target).devices
+  mesh = sharding.make_mesh(shape, devices)
+  procs = sorted({d.process_index for d in devices})
+  dp = sharding.data_parallel_size(mesh)
+  assert [sharding.process_batch_rows(mesh, dp, p) for p in procs] == [
+      (i * dp // len(procs), (i + 1) * dp // len(procs)) for i in range(len(procs))]

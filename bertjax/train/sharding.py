@@ -5,6 +5,12 @@ of the devices); the devices are laid out by `jax.make_mesh`, which follows the 
 rings). For multi-slice runs `config.mesh.dcn_shape` sizes the same axes across slices (data centre network;
 one may be -1: the number of slices) and `mesh_utils.create_hybrid_device_mesh` nests the slices outside; the
 full mesh is their elementwise product. Slices are TPU slices (`device.slice_index`), else processes (GPU nodes).
+The loader gives process p the p-th block of every global batch, so the data axis is put in process order
+(`_process_order`): on a slice of several hosts `jax.make_mesh` walks the torus, which interleaves the hosts'
+chips along it (v5e-256 with data=256: every process's rows scattered over the batch). Permuting the data axis
+keeps every collective's device group (the data-parallel reduction is over the same devices). Where fsdp or
+tensor groups would still interleave processes, the slice is laid out with each process's devices as the inner
+block (`_by_process`).
 
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `mlp`, `norm`, None) set where they are
 created; `config.mesh.logical_axis_rules` (defaults in `bertjax/config.py`) maps each name to mesh axes. A
@@ -75,10 +81,13 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     sizes = _resolve(shape, len(devices), "mesh.shape")
     try:
       mesh = jax.make_mesh(sizes, MESH_AXES, axis_types=types, devices=devices)
-    except ValueError as e:  # several TPU slices, or a topology the shape cannot be laid onto
+    except (ValueError, NotImplementedError) as e:  # several TPU slices, or a topology it cannot lay out
+      mesh = _by_process(sizes, devices, types)
+      if mesh is not None:
+        return _check_process_order(mesh)
       raise UserError(f"mesh.shape {dict(zip(MESH_AXES, sizes))} cannot be laid out on these devices "
                       f"({str(e).strip().splitlines()[0]}); for several slices set mesh.dcn_shape") from None
-    return _check_process_order(mesh)
+    return _check_process_order(_process_order(mesh, sizes, devices))
   n_slices, by_process = _granules(devices)
   dcn_sizes = _resolve(dcn, n_slices, "mesh.dcn_shape")
   ici_sizes = _resolve(shape, len(devices) // n_slices, "mesh.shape (per slice)")
@@ -91,7 +100,59 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   logging.info("mesh over %d %s: %s across them (DCN) x %s within each", n_slices,
                "processes" if by_process else "slices", dict(zip(MESH_AXES, dcn_sizes)),
                dict(zip(MESH_AXES, ici_sizes)))
-  return _check_process_order(Mesh(grid, MESH_AXES, axis_types=types))
+  return _check_process_order(_process_order(Mesh(grid, MESH_AXES, axis_types=types)))
+
+
+def _process_order(mesh: Mesh, sizes: Sequence[int] | None = None,
+                   devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """`mesh` with its data axis sorted by the lowest process index along it (stable: one process's data indices
+  keep their topological order). When fsdp (or tensor) groups still interleave processes (e.g. `jax.make_mesh`
+  lays fsdp=4 along a torus row of v5e chips, two hosts), a single slice is rebuilt with the processes as
+  granules (`sizes`: the axis sizes): each process's devices form the inner block of the fsdp / data axes."""
+  grid = mesh.devices
+  first = [min(d.process_index for d in grid[i].flat) for i in range(grid.shape[0])]
+  order = np.argsort(first, kind="stable")
+  if not (order == np.arange(len(order))).all():
+    mesh = Mesh(grid[order], mesh.axis_names, axis_types=mesh.axis_types)
+  if sizes is None or _rows_contiguous(mesh):
+    return mesh
+  return _by_process(sizes, devices, mesh.axis_types) or mesh
+
+
+def _by_process(sizes: Sequence[int], devices: Sequence[jax.Device], types) -> Mesh | None:
+  """A one-slice mesh of several processes with the processes as granules: each process's devices form the
+  inner block of the tensor, fsdp and data axes (None when the tensor or fsdp size does not divide, or is not a
+  multiple of, the devices per process)."""
+  n_proc = len({d.process_index for d in devices})
+  local = len(devices) // n_proc
+  d_size, f_size, t_size = sizes
+  if n_proc == 1 or local % t_size:
+    return None
+  per = local // t_size
+  if f_size % per == 0:
+    ici, dcn = (1, per, t_size), (d_size, f_size // per, 1)
+  elif per % f_size == 0 and d_size % (per // f_size) == 0:
+    ici, dcn = (per // f_size, f_size, t_size), (d_size // (per // f_size), 1, 1)
+  else:
+    return None
+  try:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True,
+                                                allow_split_physical_axes=True)
+  except ValueError:
+    return None
+  logging.info("mesh %s laid out per process (%s within each process, %s across processes) so that each process "
+               "holds contiguous batch rows", dict(zip(MESH_AXES, sizes)), ici, dcn)
+  return Mesh(grid, MESH_AXES, axis_types=types)
+
+
+def _rows_contiguous(mesh: Mesh) -> bool:
+  dp = data_parallel_size(mesh)
+  try:
+    for p in {d.process_index for d in mesh.devices.flat}:
+      process_batch_rows(mesh, dp, p)
+  except UserError:
+    return False
+  return True
 
 
 def _check_process_order(mesh: Mesh) -> Mesh:
@@ -116,8 +177,8 @@ def process_batch_rows(mesh: Mesh, global_batch: int, process_index: int | None 
   rows = sorted({r for d, (sl,) in index_map.items() if d.process_index == p
                  for r in range(*sl.indices(global_batch))})
   if not rows or rows != list(range(rows[0], rows[-1] + 1)):
-    raise UserError(f"process {p} holds non-contiguous rows of the batch on mesh {dict(mesh.shape)}; "
-                    "reorder mesh.shape so that the batch axes (data, fsdp) are split by process")
+    raise UserError(f"process {p} holds non-contiguous rows of the batch on mesh {dict(mesh.shape)}; choose "
+                    "mesh.shape's fsdp and tensor as divisors or multiples of the devices per host")
   return rows[0], rows[-1] + 1
 
 
