@@ -35,18 +35,25 @@ class _QuietOrbax(logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname.replace(os.sep, "/")
 
 
-def _tpu_chips_present() -> bool:
-  """Google TPU chips as the kernel shows them (PCI vendor 0x1ae0, /dev/accel*, /dev/vfio): what jax checks."""
-  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-    return True
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+def _pci_vendor(vendor: str) -> bool:
+  for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
     try:
-      with open(vendor) as f:
-        if f.read().strip() == "0x1ae0":
+      with open(path) as f:
+        if f.read().strip() == vendor:
           return True
     except OSError:
       continue
   return False
+
+
+def _tpu_chips_present() -> bool:
+  """Google TPU chips as the kernel shows them (PCI vendor 0x1ae0, /dev/accel*, /dev/vfio): what jax checks."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) or _pci_vendor("0x1ae0")
+
+
+def _nvidia_gpu_present() -> bool:
+  """An NVIDIA GPU (its device files or PCI vendor 0x10de)."""
+  return bool(glob.glob("/dev/nvidia[0-9]*")) or _pci_vendor("0x10de")
 
 
 def _gpu_plugin_installed() -> bool:
@@ -54,11 +61,14 @@ def _gpu_plugin_installed() -> bool:
 
 
 def pin_cpu_without_accelerator() -> bool:
-  """JAX_PLATFORMS=cpu when libtpu is installed but the host has no TPU chips and no GPU plugin (JAX would pick the
-  CPU anyway, after libtpu printed a screen of initialisation errors). Call before JAX's first device query."""
+  """JAX_PLATFORMS=cpu when libtpu or JAX's CUDA plugin is installed (e.g. by `.[test]`, to compile for chips that
+  are not there) but the host has neither TPU chips nor an NVIDIA GPU: JAX would pick the CPU anyway, after
+  printing a screen of initialisation errors. Call before JAX's first device query."""
   if os.environ.get("JAX_PLATFORMS") or jax.config.values.get("jax_platforms"):
     return False
-  if importlib.util.find_spec("libtpu") is None or _tpu_chips_present() or _gpu_plugin_installed():
+  if importlib.util.find_spec("libtpu") is None and not _gpu_plugin_installed():
+    return False
+  if _tpu_chips_present() or _nvidia_gpu_present():
     return False
   jax.config.update("jax_platforms", "cpu")
   return True
