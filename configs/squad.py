@@ -14,6 +14,9 @@ from bertjax.config import finetune_config
 def get_config():
   config = finetune_config("squad", learning_rate=3e-5, max_seq_length=384, num_epochs=2.0)
   d = config.data
+  # no packing: a question + context window fills max_seq_length (doc_stride slides windows over long contexts), so
+  # rows have little padding to reclaim; length buckets cut the rest
+  d.packing = False
   d.version = "1.1"  # "1.1" | "2.0" (unanswerable questions, null odds)
   d.data_dir = ""  # folder with train-v<version>.json and dev-v<version>.json
   d.train_file = ""  # or name the SQuAD JSON files one by one

@@ -98,6 +98,57 @@ def test_ner_end_to_end(tmp_path):
   assert json.loads((workdir / "eval_metrics.json").read_text())["step"] == 24
 
 
+def test_packed_ner_equals_unpacked(tmp_path):
+  """NER packs by default: a packed batch (per-token labels packed with the tokens) gives the plain batch's loss and
+  token accuracy, and packed eval batches give the same per-example predictions, losses and entity scores."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from bertjax.tasks import common
+  from bertjax.tasks.ner import NerTask
+  rng = random.Random(0)
+  sents = []
+  for i in range(40):
+    words = [rng.choice(FILLER) for _ in range(rng.randint(1, 9))]
+    tags = ["O"] * len(words)
+    for _ in range(rng.randint(0, 2)):
+      at = rng.randrange(len(words) + 1)
+      words.insert(at, rng.choice(CITIES))
+      tags.insert(at, "B-LOC")
+    sents.append(ner.NerSentence(words, tags, f"s{i}"))
+  data = tmp_path / "conll"
+  data.mkdir()
+  write_conll(data / "train.txt", sents[:32])
+  write_conll(data / "dev.txt", sents[32:] + sents[:13])  # 21 sentences: the second eval batch is padded
+  c = tiny("ner", tmp_path / "cache", data_dir=str(data), max_seq_length=32)
+  assert c.data.packing  # the default
+  c.model.update(num_hidden_layers=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  task = NerTask(c, str(tmp_path / "wd"))
+  task.prepare()
+  model = task.build_model(nnx.Rngs(0))
+
+  def run():
+    b = task.train_source().batch(0)
+    loss, m = task.loss_fn(model, {k: jnp.asarray(v) for k, v in b.items()}, None, True)
+    outs = [{k: np.asarray(v) for k, v in task.predict_step(model, {k: jnp.asarray(v) for k, v in e.items()}).items()}
+            for e in task._batches("dev")]
+    return b, float(loss), [float(x) for x in m["accuracy"]], common.valid_rows(outs, 32)
+
+  packed, lp, ap, rp = run()
+  c.data.packing = False
+  plain, lu, au, ru = run()
+  assert plain["input_ids"].shape[0] == 16 and packed["input_ids"].shape[0] < 16  # plain: length buckets
+  assert (packed["labels"] != ner.IGNORE_INDEX).sum() == (plain["labels"] != ner.IGNORE_INDEX).sum() > 16
+  assert lu > 0.5
+  np.testing.assert_allclose(lp, lu, rtol=1e-5)
+  assert ap == au
+  assert rp["predictions"].shape == ru["predictions"].shape == (21, 32)
+  words = task.features["dev"]["word_index"] >= 0
+  np.testing.assert_array_equal(rp["predictions"][words], ru["predictions"][words])
+  for k in ("loss_sum", "correct", "count"):
+    np.testing.assert_allclose(rp[k], ru[k], rtol=1e-5, err_msg=k)
+  assert task._score("dev", rp) == task._score("dev", ru)
+
+
 # ------------------------------------------------------------------ SQuAD
 
 

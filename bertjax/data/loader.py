@@ -182,12 +182,17 @@ class Packer:
   length, several per row, each keeping its own [CLS] (`cls_positions` [B]: flat index row * L + column into
   the GLOBAL batch's rows), `segment_ids` (attention stays within an example) and `position_ids` restarting per
   example. Per-example arrays (labels, weights) keep their [B] rows. The row count is rounded up to a multiple
-  of `row_multiple` and decided from the global batch (the most any process needs), so every process agrees."""
+  of `row_multiple` and decided from the global batch (the most any process needs), so every process agrees.
+  `token_keys` name the [N, L] arrays to pack (default: every array L wide); `fill` gives their value where no
+  example sits (default 0; e.g. the ignored label for per-token labels)."""
 
-  def __init__(self, examples: Batch, row_multiple: int, length_key: str = "attention_mask"):
+  def __init__(self, examples: Batch, row_multiple: int, length_key: str = "attention_mask",
+               token_keys: Sequence[str] | None = None, fill: dict[str, int] | None = None):
     self.full = examples[length_key].shape[1]
     self.lengths = row_lengths(examples[length_key])
     self.row_multiple = max(1, int(row_multiple))
+    self.token_keys = None if token_keys is None else set(token_keys)
+    self.fill = dict(fill or {})
 
   def rows_needed(self, global_rows: np.ndarray, processes: int) -> int:
     """Rows per process for a global batch (its example indices), rounded up to `row_multiple`."""
@@ -198,9 +203,10 @@ class Packer:
   def pack(self, batch: Batch, rows: np.ndarray, n_rows: int, process_index: int) -> Batch:
     """This process's `batch` (examples `rows`) packed into `n_rows` rows."""
     L, lengths = self.full, self.lengths[rows]
-    token = {k: v for k, v in batch.items() if getattr(v, "ndim", 0) >= 2 and v.shape[1] == L}
+    token = {k: v for k, v in batch.items() if (k in self.token_keys if self.token_keys is not None else
+                                                 getattr(v, "ndim", 0) >= 2 and v.shape[1] == L)}
     out = {k: v for k, v in batch.items() if k not in token}
-    packed = {k: np.zeros((n_rows, L), v.dtype) for k, v in token.items()}
+    packed = {k: np.full((n_rows, L), self.fill.get(k, 0), v.dtype) for k, v in token.items()}
     seg, pos = np.zeros((n_rows, L), np.int32), np.zeros((n_rows, L), np.int32)
     cls = np.zeros(len(rows), np.int32)
     for r, members in enumerate(first_fit(lengths, L, L)):
@@ -228,10 +234,11 @@ class BatchSource:
 
   def __init__(self, examples: Batch, global_batch: int, seed: int, process_index: int = 0,
                process_count: int = 1, transform: Transform | None = None, name: str = "train",
-               buckets: Sequence[int] = (), pack_rows: int = 0):
+               buckets: Sequence[int] = (), pack_rows: int = 0, packer: Packer | None = None):
     self.examples = examples
-    self.buckets = Buckets(examples, buckets) if buckets and not pack_rows else None
-    self.packer = Packer(examples, pack_rows) if pack_rows else None  # pack_rows: the row-count multiple
+    # pack_rows: the row-count multiple of a default Packer; or a task's own `packer`
+    self.packer = packer or (Packer(examples, pack_rows) if pack_rows else None)
+    self.buckets = Buckets(examples, buckets) if buckets and self.packer is None else None
     self.process_index, self.process_count = process_index, process_count
     self.n = len(next(iter(examples.values())))
     self.lo, self.hi = process_slice(global_batch, process_index, process_count)
@@ -314,7 +321,7 @@ def _take(array, idx: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 def eval_batches(examples: Batch, global_batch: int, transform: Transform | None, seed: int,
                  process_index: int = 0, process_count: int = 1, buckets: Sequence[int] = (),
-                 pack_rows: int = 0) -> list[Batch]:
+                 pack_rows: int = 0, packer: Packer | None = None) -> list[Batch]:
   """The whole eval split in order, the last batch padded with weight-0 rows; fixed masking per seed.
 
   Every process gets the same number of batches and takes its own contiguous slice of each global batch; the
@@ -323,8 +330,8 @@ def eval_batches(examples: Batch, global_batch: int, transform: Transform | None
   """
   n = len(next(iter(examples.values())))
   lo, hi = process_slice(global_batch, process_index, process_count)
-  cut = Buckets(examples, buckets) if buckets and not pack_rows else None
-  packer = Packer(examples, pack_rows) if pack_rows else None
+  packer = packer or (Packer(examples, pack_rows) if pack_rows else None)
+  cut = Buckets(examples, buckets) if buckets and packer is None else None
   out = []
   for i, start in enumerate(range(0, n, global_batch)):
     idx = np.arange(start, start + global_batch)[lo:hi]

@@ -135,9 +135,11 @@ class BertForTokenClassification(nnx.Module):
     self.dropout = Dropout(rate)
     self.classifier = dense(cfg, cfg.hidden_size, num_labels, ("embed", None), rngs)
 
-  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None):
-    seq, _ = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic, rngs=rngs)
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, position_ids=None, segment_ids=None,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    """Logits [B, T, num_labels]; packed rows pass `segment_ids` / `position_ids` (see `BertModel`)."""
+    seq, _ = self.bert(input_ids, token_type_ids, attention_mask, position_ids=position_ids,
+                       segment_ids=segment_ids, deterministic=deterministic, rngs=rngs)
     seq = self.dropout(seq, deterministic=deterministic, rngs=rngs)
     return self.classifier(seq).astype(jnp.float32)
 

@@ -18,7 +18,6 @@ label sets, metrics and submission files.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any, Callable, Mapping
 
@@ -86,8 +85,6 @@ class ClassificationTask(Task):
     if weights not in ("", "balanced") or (weights and self.kind == "regression"):
       raise UserError(f"data.class_weights={weights!r}: use 'balanced' (classification only) or ''")
     self.balanced = weights == "balanced"
-    if self.kind == "multi" and d.get("packing", False):  # loader.Packer tells token arrays by their width, which
-      raise UserError("data.packing=True does not combine with data.multi_label=True; turn one off")  # [N, K] may share
     self.threshold = float(d.get("threshold", 0.5))
     self.splits: dict[str, data.Rows] = {}
 
@@ -180,23 +177,17 @@ class ClassificationTask(Task):
 
   def train_source(self) -> loader.BatchSource:
     c = self.config
-    return loader.BatchSource(self._arrays("train"), c.training.global_batch_size, c.seed, jax.process_index(),
+    arrays = self._arrays("train")
+    return loader.BatchSource(arrays, c.training.global_batch_size, c.seed, jax.process_index(),
                               jax.process_count(), name="train", buckets=loader.data_buckets(c.data),
-                              pack_rows=self._pack_rows(c.training.global_batch_size))
+                              packer=common.packer(c, arrays, c.training.global_batch_size))
 
   def _batches(self, split: str) -> list[loader.Batch]:
     c = self.config
-    return loader.eval_batches(self._arrays(split), c.training.eval_batch_size, None, c.seed, jax.process_index(),
+    arrays = self._arrays(split)
+    return loader.eval_batches(arrays, c.training.eval_batch_size, None, c.seed, jax.process_index(),
                                jax.process_count(), loader.data_buckets(c.data),
-                               self._pack_rows(c.training.eval_batch_size))
-
-  def _pack_rows(self, global_batch: int) -> int:
-    """`data.packing`: several examples per row (loader.Packer), rows in multiples of this; 0 = off."""
-    if not self.config.data.get("packing", False):
-      return 0
-    if int(self.config.training.get("grad_accum_steps", 1)) > 1:
-      raise UserError("data.packing=True does not combine with training.grad_accum_steps > 1; turn one off")
-    return math.lcm(jax.local_device_count(), max(1, global_batch // jax.process_count() // 8))
+                               packer=common.packer(c, arrays, c.training.eval_batch_size))
 
   def eval_batches(self) -> list[loader.Batch]:
     """The main dev split's batches, then those of the other dev splits (GLUE's MNLI mismatched)."""

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import uuid
 import zipfile
 from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
 from bertjax.artifacts.factory import pretrained_model_config, pretrained_tokenizer_dir
-from bertjax.data import corpus, tokenizer as toklib
+from bertjax.data import corpus, loader, tokenizer as toklib
 from bertjax.data.glue import MODEL_KEYS  # noqa: F401  (the encoder inputs; re-exported for the tasks)
 from bertjax.errors import UserError
 from bertjax.models import attention
@@ -123,6 +125,21 @@ def file_key(path: str) -> str:
   """Cache-key part naming one file's exact contents cheaply (path, mtime, size)."""
   st = os.stat(path)
   return f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}"
+
+
+def packer(config: ConfigDict, examples: Mapping[str, np.ndarray], global_batch: int, token_keys=MODEL_KEYS,
+           fill: Mapping[str, int] | None = None) -> loader.Packer | None:
+  """`data.packing` (on by default for fine-tuning): several examples per row (`loader.Packer`: each example keeps
+  its own positions and attends only to itself), rows in multiples of the local devices and of an eighth of the
+  local batch, so that few row counts compile. None when off, or with gradient accumulation (whose micro-batches
+  split example rows; length buckets are used instead)."""
+  if not config.data.get("packing", False):
+    return None
+  if int(config.training.get("grad_accum_steps", 1)) > 1:
+    logging.info("data.packing with training.grad_accum_steps > 1: packing off, length buckets instead")
+    return None
+  rows = math.lcm(jax.local_device_count(), max(1, global_batch // jax.process_count() // 8))
+  return loader.Packer(dict(examples), rows, token_keys=token_keys, fill=dict(fill or {}))
 
 
 def valid_rows(outputs: list[Mapping[str, np.ndarray]], width: int = 0) -> dict[str, np.ndarray]:

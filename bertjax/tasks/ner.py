@@ -115,15 +115,23 @@ class NerTask(Task):
   def _model_arrays(self, split: str) -> dict[str, np.ndarray]:
     return {k: self.features[split][k] for k in (*MODEL_KEYS, "labels")}
 
+  def _packer(self, arrays: Mapping[str, np.ndarray], global_batch: int) -> loader.Packer | None:
+    """Packed rows carry the per-token labels with the tokens (the ignored label where no example sits)."""
+    return common.packer(self.config, arrays, global_batch, (*MODEL_KEYS, "labels"), {"labels": ner.IGNORE_INDEX})
+
   def train_source(self) -> loader.BatchSource:
     c = self.config
-    return loader.BatchSource(self._model_arrays("train"), c.training.global_batch_size, c.seed, jax.process_index(),
-                              jax.process_count(), buckets=loader.data_buckets(c.data))
+    arrays = self._model_arrays("train")
+    return loader.BatchSource(arrays, c.training.global_batch_size, c.seed, jax.process_index(),
+                              jax.process_count(), buckets=loader.data_buckets(c.data),
+                              packer=self._packer(arrays, c.training.global_batch_size))
 
   def _batches(self, split: str) -> list[loader.Batch]:
     c = self.config
-    return loader.eval_batches(self._model_arrays(split), c.training.eval_batch_size, None, c.seed,
-                               jax.process_index(), jax.process_count(), loader.data_buckets(c.data))
+    arrays = self._model_arrays(split)
+    return loader.eval_batches(arrays, c.training.eval_batch_size, None, c.seed, jax.process_index(),
+                               jax.process_count(), loader.data_buckets(c.data),
+                               packer=self._packer(arrays, c.training.eval_batch_size))
 
   def eval_batches(self) -> list[loader.Batch]:
     if not hasattr(self, "_eval"):
@@ -147,17 +155,24 @@ class NerTask(Task):
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * w
     return xent, correct, w
 
+  @staticmethod
+  def _logits(model, batch, deterministic: bool = True, rngs=None) -> jax.Array:
+    packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
+    return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=deterministic,
+                 rngs=rngs, **packed)
+
   def loss_fn(self, model, batch, rngs, deterministic):
-    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                   deterministic=deterministic, rngs=rngs)
+    logits = self._logits(model, batch, deterministic, rngs)  # packed rows: the same tokens, the same labels
     xent, correct, w = self._token_losses(logits, batch["labels"])
     n = jnp.sum(w)
     loss = jnp.sum(xent) / jnp.maximum(n, 1.0)
     return loss, {"loss": (jnp.sum(xent), n), "accuracy": (jnp.sum(correct), n)}
 
   def predict_step(self, model, batch) -> dict[str, jax.Array]:
-    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=True)
-    xent, correct, w = self._token_losses(logits, batch["labels"])
+    logits, labels = self._logits(model, batch), batch["labels"]
+    if "cls_positions" in batch:  # packed: back to one row per example, as unpacked batches give them
+      logits, labels = unpack_tokens(logits, labels, batch["position_ids"], batch["cls_positions"])
+    xent, correct, w = self._token_losses(logits, labels)
     return {"predictions": jnp.argmax(logits, -1).astype(jnp.int32), "example_weights": batch["example_weights"],
             "loss_sum": xent.sum(-1), "correct": correct.sum(-1), "count": w.sum(-1)}
 
@@ -197,6 +212,19 @@ class NerTask(Task):
           ner.write_conll(os.path.join(folder, f"{split}.txt"), self.sentences[split], self._tags(split, rows))
         logging.info("wrote %s predictions to %s", split, paths.join(workdir, "predictions", f"{split}.txt"))
     return out
+
+
+def unpack_tokens(logits: jax.Array, labels: jax.Array, position_ids: jax.Array, starts: jax.Array):
+  """Per-token logits [R, L, C] and labels [R, L] of packed rows -> [B, L, C] and [B, L], one row per example:
+  example i's tokens start at flat index `starts[i]` (row * L + column over all rows) and are the next columns
+  whose position ids count 0, 1, 2, ...; the columns past its end get the ignored label."""
+  R, L = labels.shape
+  idx = jnp.minimum(starts[:, None] + jnp.arange(L)[None, :], R * L - 1)
+  own = position_ids.reshape(-1)[idx] == jnp.arange(L)[None, :]
+  own = jnp.cumprod(own, axis=1).astype(bool)  # stop at the first column that is not the example's
+  out_logits = logits.reshape(R * L, -1)[idx]
+  out_labels = jnp.where(own, labels.reshape(-1)[idx], ner.IGNORE_INDEX)
+  return out_logits, out_labels
 
 
 def _hub_sentences(name: str, split: str) -> list[ner.NerSentence]:
