@@ -28,10 +28,11 @@ Result: {"step_end_s": [time after step 1, 2, ...] (seconds, same clock as `time
 "prepare_s", "predict_s", "device", "versions", "notes": [how this side differs], ...} + arrays "predictions" (class
 ids; regression: scores) and "train_token_ids" (the training rows as keras-hub tokenized them, file order).
 
-Adding a kind (e.g. a token classifier for NER): write `def my_kind(request, keras, keras_hub) -> Job` (the model
-with `preprocessor=None`, the tokenized train / eval inputs of every row in file order, labels, optional
-per-token sample weights, the loss and how to turn logits into predictions) and register it in KINDS; training,
-the optimizer, timing and prediction are shared (`train_and_predict`).
+Adding a kind (e.g. a token classifier for NER): write `def my_kind(request, keras, keras_hub) -> Job` (a model
+fed token arrays, e.g. BertBackbone's sequence_output -> Dense; the tokenized train / eval inputs of every row in
+file order; labels, optional per-token sample weights, the loss and how to turn eval logits into predictions; notes
+such as MODEL_NOTE / TOKENIZER_NOTE) and register it in KINDS; training, the optimizer, timing and prediction are
+shared (`train_and_predict`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+# How keras-hub's BERT differs from the HF / bertjax model on the same folder, whatever the head.
+MODEL_NOTE = ("model: keras-hub BertBackbone uses tanh-approximate GELU (the HF config says exact 'gelu'); one dropout "
+              "rate 0.1 for embeddings, attention probabilities and residuals")
+TOKENIZER_NOTE = ("tokenizer: keras-hub BertTokenizer from vocab.txt (lowercase from tokenizer_config.json, accents "
+                  "kept: accented words become [UNK] where the HF tokenizer strips the accents)")
 
 # Variables AdamW does not decay: Dense / EinsumDense biases, LayerNormalization gamma and beta (the HF recipe's
 # "bias" and "LayerNorm" parameters). Keras matches these against each variable's name.
@@ -115,7 +122,7 @@ def _jsonable(x: Any) -> Any:
 @dataclasses.dataclass
 class Job:
   """What a kind builds; every array is in file order (row i = example i)."""
-  model: Any  # a keras_hub Task with preprocessor=None (fed token arrays)
+  model: Any  # a keras.Model fed token arrays, e.g. a keras_hub Task with preprocessor=None
   train_x: dict[str, np.ndarray]
   train_y: np.ndarray
   eval_x: dict[str, np.ndarray]
@@ -152,11 +159,10 @@ def text_classifier(request: dict, keras, keras_hub) -> Job:
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     y, predict = np.asarray(request["train"]["labels"], np.int32), lambda logits: logits.argmax(-1)  # noqa: E731
   notes = [
-      "tokenizer: keras-hub BertTokenizer from vocab.txt (lowercase from tokenizer_config.json, accents kept: "
-      "accented words become [UNK] where the HF tokenizer strips the accents); pairs truncated round-robin",
-      "head: BertTextClassifier's own (pooler -> dropout 0.1 -> Dense, truncated normal 0.02, keras seed)",
-      "model: keras-hub BertBackbone uses tanh-approximate GELU (the HF config says exact 'gelu'); one dropout "
-      "rate 0.1 for embeddings, attention probabilities and residuals",
+      TOKENIZER_NOTE + "; pairs truncated round-robin (HF: longest first)",
+      "head: BertTextClassifier's own, the pretrained pooler -> dropout 0.1 -> a new Dense (truncated normal 0.02, "
+      "Keras's seed): the others' structure, a different draw",
+      MODEL_NOTE,
   ]
   return Job(model=model, train_x=train_x, train_y=y, eval_x=eval_x, loss=loss, predict=predict, notes=notes,
              arrays={"train_token_ids": train_x["token_ids"]})
@@ -201,7 +207,8 @@ def train_and_predict(request: dict, job: Job, keras) -> dict:
       ends.append(time.time())
       k = len(ends)
       if k % log_every == 0 or k == steps:
-        print(f"keras-hub train step {k}/{steps} | loss {logs.get('loss', float('nan')):.4f}", flush=True)
+        print(f"keras-hub train step {k}/{steps} | mean loss so far {logs.get('loss', float('nan')):.4f}",
+              flush=True)
 
   t0 = time.time()
   job.model.fit(x=x, y=job.train_y[rows], sample_weight=sw, batch_size=batch, epochs=1, shuffle=False, verbose=0,
@@ -212,10 +219,13 @@ def train_and_predict(request: dict, job: Job, keras) -> dict:
   t1 = time.time()
   logits = job.model.predict(job.eval_x, batch_size=request["eval_batch"], verbose=0)
   predict_s = time.time() - t1
-  pattern = "|".join(NO_DECAY)
-  decayed = sum(re.search(pattern, v.name) is None for v in job.model.trainable_variables)
+  variables = job.model.trainable_variables
+  decayed = sum(re.search("|".join(NO_DECAY), v.name) is None for v in variables)
+  note = (f"optimizer: Keras AdamW (eps added to sqrt(v) before bias correction; torch / optax add it after), "
+          f"weight decay on {decayed} of {len(variables)} variables (not {' / '.join(NO_DECAY)}), linear warmup + "
+          "decay as a LearningRateSchedule, global_clipnorm; batches through keras-hub's fit pipeline")
   return {"step_end_s": ends, "train_s": train_s, "compile_s": ends[0] - t0, "predict_s": predict_s,
-          "decayed_variables": int(decayed), "trainable_variables": len(job.model.trainable_variables),
+          "decayed_variables": int(decayed), "trainable_variables": len(variables), "notes": job.notes + [note],
           "predictions": np.asarray(job.predict(np.asarray(logits)))}
 
 
@@ -240,7 +250,7 @@ def main(argv: list[str]) -> None:
   result = train_and_predict(request, job, keras)
   arrays = {"predictions": result.pop("predictions"), **job.arrays}
   tf = sys.modules.get("tensorflow")
-  result.update(prepare_s=prepare_s, notes=job.notes, device=f"{jax.devices()[0].platform} x{jax.device_count()}",
+  result.update(prepare_s=prepare_s, device=f"{jax.devices()[0].platform} x{jax.device_count()}",
                 versions={"keras": keras.__version__, "keras_hub": keras_hub.__version__, "jax": jax.__version__,
                           "tensorflow": getattr(tf, "__version__", None)})
   with open(argv[1] + ".json", "w") as f:
