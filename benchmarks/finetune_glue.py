@@ -397,6 +397,8 @@ def main(argv=None) -> dict:
         f"from {a.model}", flush=True)
   out = {"args": vars(a), "plan": p}
   keras_python, why = (None, "--skip_keras") if a.skip_keras else keras_side.find_python(a.keras_python)
+  if keras_python is None and a.keras_python:
+    sys.exit(f"--keras_python: {why}")
   if keras_python is None and not a.skip_keras:
     print(f"keras-hub side skipped: {why}", flush=True)
     out["keras_hub_skipped"] = why
