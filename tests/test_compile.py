@@ -78,21 +78,30 @@ def test_oversized_batch_is_one_line_and_exit_2():
   assert len(errors) == 1 and "remat=full" in errors[0] and "fsdp" in errors[0], p.stderr[-2000:]
 
 
-def _cuda_compiler_path() -> str | None:
-  """Where the CUDA plugin, ptxas and cuDNN are: $BERTJAX_CUDA_COMPILER (a `pip install --target` folder, kept off
-  the test environment because the plugin probes for a driver in every process) or the environment itself."""
-  path = os.environ.get("BERTJAX_CUDA_COMPILER")
-  if path and os.path.isdir(os.path.join(path, "jax_plugins")):
-    return path
-  found = importlib.util.find_spec("jax_plugins") and importlib.util.find_spec("jax_plugins.xla_cuda12")
-  return "" if found else None
+# The GPU compiler: JAX's CUDA plugin (matching jaxlib), ptxas and cuDNN, without the CUDA runtime. It stays out of the
+# test environment (imported, the plugin prints a driver probe to stderr in every JAX process, which the one-line
+# error tests would see), so the test installs it into a folder of its own, once, and compiles with it on PYTHONPATH.
+CUDA_COMPILER = ["jax-cuda12-plugin=={v}", "jax-cuda12-pjrt=={v}", "nvidia-cuda-nvcc-cu12>=12.6",
+                 "nvidia-cudnn-cu12>=9.8,<10"]
 
 
-@pytest.mark.skipif(_cuda_compiler_path() is None, reason="needs the CUDA plugin, ptxas and cuDNN (.[gpu])")
-def test_gpu_compile_has_cudnn_attention_and_fsdp_collectives():
+@pytest.fixture(scope="session")
+def cuda_compiler() -> str:
+  """$BERTJAX_CUDA_COMPILER, or a `pip install --target` folder under the bertjax cache (made on first use)."""
+  path = os.environ.get("BERTJAX_CUDA_COMPILER") or os.path.join(
+      os.environ.get("BERTJAX_CACHE") or os.path.expanduser("~/.cache/bertjax"), f"cuda-compiler-{jax.__version__}")
+  if not os.path.isdir(os.path.join(path, "jax_plugins")):
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", path,
+                        *(r.format(v=jax.__version__) for r in CUDA_COMPILER)], capture_output=True, text=True)
+    if p.returncode:
+      pytest.skip(f"could not install the CUDA compiler into {path}: {p.stderr.strip().splitlines()[-1:]}")
+  return path
+
+
+def test_gpu_compile_has_cudnn_attention_and_fsdp_collectives(cuda_compiler):
   """h100x2 as fsdp 2: `auto` picks cuDNN flash attention per device (shard_map) and it is in the compiled
   program as a cuDNN custom call; fsdp gathers weights and reduce-scatters gradients."""
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_cuda_compiler_path(), str(REPO)) if p)}
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join((cuda_compiler, str(REPO)))}
   p = subprocess.run([sys.executable, "-m", "bertjax.compile", "--config=configs/mlm.py", "--target=h100x2",
                       "--config.training.global_batch_size=16", "--config.model.dtype=bfloat16",
                       "--config.data.short_seq_length=0", "--config.mesh.shape={'data': 1, 'fsdp': 2, 'tensor': 1}"],

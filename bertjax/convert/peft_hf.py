@@ -128,7 +128,8 @@ def import_folder(adapter_dir: str, base: str, out_dir: str, log: Log) -> tuple[
   cfg_file = os.path.join(adapter_dir, "adapter_config.json")
   if not os.path.isfile(cfg_file):
     raise UserError(f"--peft={adapter_dir} has no adapter_config.json; pass a folder written by peft's save_pretrained")
-  pc = json.load(open(cfg_file))
+  with open(cfg_file) as f:
+    pc = json.load(f)
   unsupported = {k: pc.get(k) for k in ("fan_in_fan_out", "use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
                                         "layers_to_transform") if pc.get(k)}
   if pc.get("peft_type") != "LORA" or unsupported or pc.get("task_type") not in HEAD_OF_TASK:
