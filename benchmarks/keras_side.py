@@ -14,7 +14,8 @@ RESULT_PREFIX.npz (arrays). Metrics are the caller's job: it gets predictions, s
 code (`bertjax.tasks.metrics`).
 
 Request (JSON object), shared by every kind:
-  kind             "text_classifier" (GLUE: sentence or sentence pair), or a kind added to KINDS
+  kind             "text_classifier" (GLUE: sentence or sentence pair), "token_classifier" (NER: words, each
+                   labelled at its first piece), or a kind added to KINDS
   model            local HF BERT folder (config.json, model.safetensors, vocab.txt, tokenizer_config.json)
   num_classes      classes; 1 = regression (mean squared error, prediction = the single output)
   sequence_length  keras-hub preprocessor length (every row is padded to it)
@@ -169,6 +170,75 @@ def text_classifier(request: dict, keras, keras_hub) -> Job:
 
 
 KINDS: dict[str, Callable[[dict, Any, Any], Job]] = {"text_classifier": text_classifier}
+
+
+# ---------------------------------------------------------------------------- token classifier (NER)
+
+IGNORE_INDEX = -100  # bertjax.data.ner.IGNORE_INDEX: pieces that are not scored (bertjax is not importable here)
+
+
+def word_pieces(tokenizer, sentences: list[list[str]], length: int, tags: list[list[int]] | None = None) -> dict:
+  """keras-hub's tokenizer on every word, [CLS] pieces [SEP] cut to `length` and padded to it (keras-hub's
+  preprocessors pad every row). `labels` (the word's tag id) and `word_index` (its position in the sentence) sit
+  at each word's first piece, -100 / -1 elsewhere; a word with no piece inside `length` gets none."""
+  words = [w for s in sentences for w in s]
+  pieces = [np.asarray(p).tolist() for p in tokenizer(words)] if words else []
+  n = len(sentences)
+  out = {"token_ids": np.full((n, length), tokenizer.pad_token_id, np.int32),
+         "padding_mask": np.zeros((n, length), np.int32), "segment_ids": np.zeros((n, length), np.int32),
+         "labels": np.full((n, length), IGNORE_INDEX, np.int32), "word_index": np.full((n, length), -1, np.int32)}
+  at = 0
+  for i, s in enumerate(sentences):
+    ids = [tokenizer.cls_token_id]
+    for w in range(len(s)):
+      p = pieces[at + w][:length - 1 - len(ids)]  # room left before [SEP]
+      if p:
+        out["word_index"][i, len(ids)] = w
+        if tags is not None:
+          out["labels"][i, len(ids)] = tags[i][w]
+      ids += p
+    at += len(s)
+    ids.append(tokenizer.sep_token_id)
+    out["token_ids"][i, :len(ids)] = ids
+    out["padding_mask"][i, :len(ids)] = 1
+  return out
+
+
+def token_classifier(request: dict, keras, keras_hub) -> Job:
+  """NER-style token classification, each word labelled at its first piece. keras-hub has no BERT token
+  classifier, so it is built as a keras-hub user would: BertBackbone.from_preset(<HF folder>) -> dropout ->
+  Dense(num_classes) on `sequence_output`, initialised like keras-hub's own BERT heads (truncated normal 0.02).
+  Request: train {"words": [[word, ...], ...], "tags": [[tag id, ...], ...]}, eval {"words": [...]}.
+  Predictions: [N, sequence_length] class ids; arrays "eval_word_index" / "train_labels" say where each word's
+  first piece is, for scoring with the caller's word alignment."""
+  folder, length = request["model"], request["sequence_length"]
+  backbone = keras_hub.models.BertBackbone.from_preset(folder)
+  tokenizer = keras_hub.models.BertTokenizer.from_preset(folder)
+  train = word_pieces(tokenizer, request["train"]["words"], length, request["train"]["tags"])
+  dev = word_pieces(tokenizer, request["eval"]["words"], length)
+  x = keras.layers.Dropout(backbone.dropout)(backbone.output["sequence_output"])
+  logits = keras.layers.Dense(request["num_classes"], name="classifier",
+                              kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02))(x)
+  model = keras.Model(backbone.input, logits)
+  inputs = lambda f: {k: f[k] for k in backbone.input}  # noqa: E731
+  notes = [
+      "tokenizer: keras-hub BertTokenizer from vocab.txt on each word (lowercase from tokenizer_config.json, accents "
+      "kept: accented words become [UNK] or other pieces where the HF tokenizer strips the accents); every row "
+      "padded to sequence_length",
+      "head: keras-hub has no BERT token classifier; BertBackbone sequence_output -> dropout -> a new Dense "
+      "(truncated normal 0.02, Keras's seed), the others' structure, a different draw; loss: sparse cross-entropy "
+      "with ignore_class=-100 (the mean over each batch's first pieces, as the others)",
+      "model: keras-hub BertBackbone uses tanh-approximate GELU (the HF config says exact 'gelu'); one dropout "
+      "rate 0.1 for embeddings, attention probabilities and residuals",
+  ]
+  return Job(model=model, train_x=inputs(train), train_y=train["labels"], eval_x=inputs(dev),
+             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=IGNORE_INDEX),
+             predict=lambda logits: logits.argmax(-1).astype(np.int32), notes=notes,
+             arrays={"train_token_ids": train["token_ids"], "train_labels": train["labels"],
+                     "eval_word_index": dev["word_index"]})
+
+
+KINDS["token_classifier"] = token_classifier
 
 
 def optimizer(o: dict, keras):
