@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import sys
 
@@ -116,7 +117,11 @@ def run_bertjax(a: argparse.Namespace, p: dict, data: dict) -> dict:
     src = trainer.source
     layout = ("packed" if getattr(src, "packer", None) is not None else
               "length buckets" if getattr(src, "buckets", None) is not None else "padded to max length")
-    widths = [float(np.prod(src.batch(s)["input_ids"].shape)) / a.batch for s in range(p["steps"])]
+    try:
+      widths = [float(np.prod(src.batch(s)["input_ids"].shape)) / a.batch for s in range(p["steps"])]
+    except (AttributeError, KeyError, TypeError) as e:  # a batch source of another shape: keep the run's results
+      logging.warning("bertjax's padded width per example is unknown (%s: %s)", type(e).__name__, e)
+      widths = [float("nan")]
     written = os.path.join(workdir, "predictions", "dev.txt")
     tags = [s.tags for s in ner.read_conll(written)] if os.path.isfile(written) else None
     return {"layout": layout, "widths": widths, "dev_tags": tags}
