@@ -222,14 +222,11 @@ def token_classifier(request: dict, keras, keras_hub) -> Job:
   model = keras.Model(backbone.input, logits)
   inputs = lambda f: {k: f[k] for k in backbone.input}  # noqa: E731
   notes = [
-      "tokenizer: keras-hub BertTokenizer from vocab.txt on each word (lowercase from tokenizer_config.json, accents "
-      "kept: accented words become [UNK] or other pieces where the HF tokenizer strips the accents); every row "
-      "padded to sequence_length",
+      TOKENIZER_NOTE + "; applied to each word, every row padded to sequence_length",
       "head: keras-hub has no BERT token classifier; BertBackbone sequence_output -> dropout -> a new Dense "
-      "(truncated normal 0.02, Keras's seed), the others' structure, a different draw; loss: sparse cross-entropy "
+      "(truncated normal 0.02, Keras's seed): the others' structure, a different draw; loss: sparse cross-entropy "
       "with ignore_class=-100 (the mean over each batch's first pieces, as the others)",
-      "model: keras-hub BertBackbone uses tanh-approximate GELU (the HF config says exact 'gelu'); one dropout "
-      "rate 0.1 for embeddings, attention probabilities and residuals",
+      MODEL_NOTE,
   ]
   return Job(model=model, train_x=inputs(train), train_y=train["labels"], eval_x=inputs(dev),
              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=IGNORE_INDEX),
