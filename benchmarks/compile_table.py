@@ -58,7 +58,9 @@ def cell(preset: str, seq: int, preds: int, target_name: str, quick: bool = Fals
 
 
 def render(rows: list[dict]) -> str:
+  """The markdown table; the largest-batch columns only when some cell has them."""
   gib = lambda b: "?" if b is None else f"{b / 2**30:.1f}"
+  searched = any("max_none" in r for r in rows)
   lines = ["| model | seq | target | global batch | GiB per chip (of) | est. step ms | est. seq/s | kernel | "
            "max batch remat none | max batch remat full | limit |", "|" + "---|" * 11]
   for r in rows:
@@ -74,6 +76,8 @@ def render(rows: list[dict]) -> str:
                  f"{a['attention_kernel']} | {mx('none')} | {mx('full')} | {limit} |" if a.get("est_step_s") else
                  f"| BERT-{r['preset']} | {r['seq']} | {r['target']} | {a['global_batch']} | does not fit | | | | "
                  f"{mx('none')} | {mx('full')} | |")
+  if not searched:
+    lines = ["|".join(line.split("|")[:9]) + "|" for line in lines]
   return "\n".join(lines)
 
 
