@@ -51,3 +51,12 @@ def test_multi_label_rows_pack_too(tmp_path, cache_dir):
                                                      multi_label=True)
   assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0] and packed["labels"].ndim == 2
   np.testing.assert_allclose(float(lp), float(lu), rtol=1e-5)
+
+
+def test_regression_rows_pack_too(tmp_path, cache_dir):
+  scores = {"pos": 4.5, "neg": 0.5, "neu": 2.5}
+  packed, plain, (lp, _), (lu, _) = packed_and_plain(tmp_path, cache_dir, "regression", lambda label: scores[label],
+                                                     problem_type="regression")
+  assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0] and packed["labels"].dtype == np.float32
+  assert float(lu) > 0.5  # MSE of an untrained head against scores 0.5-4.5
+  np.testing.assert_allclose(float(lp), float(lu), rtol=1e-5)
