@@ -146,7 +146,7 @@ def test_sigterm_drains_requests_in_flight_and_two_workers_share_metrics(tmp_pat
         except ConnectionRefusedError:
           return  # the listener is closed: not accepted, nothing in flight
         except OSError as e:
-          outcomes.append(f"{type(e).__name__}: {e}")
+          outcomes.append(e)
           return
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
@@ -164,9 +164,11 @@ def test_sigterm_drains_requests_in_flight_and_two_workers_share_metrics(tmp_pat
     assert rc == 0 and stopped, log[-3000:]
     received, answered = int(stopped.group(1)), int(stopped.group(2))
     # Every request the server took in was answered, and every answer reached its client as a 200; the clients'
-    # other requests found the listener closed (refused, or reset while still in the kernel's accept queue).
+    # other requests found the listener closed: refused, or, while still in the kernel's accept queue, reset (the
+    # client sees a reset, a broken pipe while sending, or http.client's RemoteDisconnected, a ConnectionResetError).
     assert received == answered == outcomes.count(200) >= 32, (received, answered, outcomes.count(200))
-    assert all(o == 200 or o.startswith("ConnectionResetError") for o in outcomes), outcomes
+    others = [o for o in outcomes if o != 200]
+    assert all(isinstance(o, (ConnectionResetError, BrokenPipeError)) for o in others), [repr(o) for o in others]
   finally:
     if proc.poll() is None:
       proc.kill()
