@@ -62,7 +62,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bertjax.data import glue  # noqa: E402
-from bertjax.data.loader import BatchSource  # noqa: E402
+from bertjax.data.loader import BatchSource, Packer, bucket_lengths  # noqa: E402
 from bertjax.tasks import metrics  # noqa: E402
 from benchmarks import keras_side  # noqa: E402
 
@@ -437,11 +437,9 @@ def token_agreement(ours: dict, ids: np.ndarray) -> float:
 def bucket_widths(a: argparse.Namespace, p: dict, feats: dict, pack: bool = False) -> list[float]:
   """Padded positions per example of bertjax's training batches (its loader's order and buckets; packed: rows x
   length / batch, with one device's row multiple)."""
-  from bertjax.data import loader
   arrays = {k: feats[k] for k in glue.MODEL_KEYS}
-  src = loader.BatchSource(arrays, a.batch, a.seed, buckets=loader.bucket_lengths(a.bucket_lengths,
-                                                                                   a.max_seq_length),
-                           pack_rows=max(1, a.batch // 8) if pack else 0)
+  src = BatchSource(arrays, a.batch, a.seed, buckets=bucket_lengths(a.bucket_lengths, a.max_seq_length),
+                    packer=Packer(arrays, max(1, a.batch // 8)) if pack else None)
   return [float(np.prod(src.batch(s)["input_ids"].shape)) / a.batch for s in range(p["steps"])]
 
 

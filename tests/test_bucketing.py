@@ -154,7 +154,7 @@ def test_packed_batches_hold_every_example_once(processes):
   its own segment id and positions 0..n-1; every process uses the same row count."""
   ex, lengths = padded_rows(n=64, full=40)
   for step in range(4):
-    parts = [loader.BatchSource(ex, 16, 3, p, processes, pack_rows=2).batch(step) for p in range(processes)]
+    parts = [loader.BatchSource(ex, 16, 3, p, processes, packer=loader.Packer(ex, 2)).batch(step) for p in range(processes)]
     assert len({b["input_ids"].shape for b in parts}) == 1 and parts[0]["input_ids"].shape[0] % 2 == 0
     rows = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
     flat = {k: rows[k].reshape(-1) for k in ("input_ids", "segment_ids", "position_ids")}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -186,8 +186,8 @@ class Packer:
   `token_keys` name the [N, L] arrays to pack (default: every array L wide); `fill` gives their value where no
   example sits (default 0; e.g. the ignored label for per-token labels)."""
 
-  def __init__(self, examples: Batch, row_multiple: int, length_key: str = "attention_mask",
-               token_keys: Sequence[str] | None = None, fill: dict[str, int] | None = None):
+  def __init__(self, examples: Mapping[str, np.ndarray], row_multiple: int, length_key: str = "attention_mask",
+               token_keys: Sequence[str] | None = None, fill: Mapping[str, int] | None = None):
     self.full = examples[length_key].shape[1]
     self.lengths = row_lengths(examples[length_key])
     self.row_multiple = max(1, int(row_multiple))
@@ -234,10 +234,9 @@ class BatchSource:
 
   def __init__(self, examples: Batch, global_batch: int, seed: int, process_index: int = 0,
                process_count: int = 1, transform: Transform | None = None, name: str = "train",
-               buckets: Sequence[int] = (), pack_rows: int = 0, packer: Packer | None = None):
+               buckets: Sequence[int] = (), packer: Packer | None = None):
     self.examples = examples
-    # pack_rows: the row-count multiple of a default Packer; or a task's own `packer`
-    self.packer = packer or (Packer(examples, pack_rows) if pack_rows else None)
+    self.packer = packer  # several examples per row (then `buckets` is not used)
     self.buckets = Buckets(examples, buckets) if buckets and self.packer is None else None
     self.process_index, self.process_count = process_index, process_count
     self.n = len(next(iter(examples.values())))
@@ -321,7 +320,7 @@ def _take(array, idx: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 def eval_batches(examples: Batch, global_batch: int, transform: Transform | None, seed: int,
                  process_index: int = 0, process_count: int = 1, buckets: Sequence[int] = (),
-                 pack_rows: int = 0, packer: Packer | None = None) -> list[Batch]:
+                 packer: Packer | None = None) -> list[Batch]:
   """The whole eval split in order, the last batch padded with weight-0 rows; fixed masking per seed.
 
   Every process gets the same number of batches and takes its own contiguous slice of each global batch; the
@@ -330,7 +329,6 @@ def eval_batches(examples: Batch, global_batch: int, transform: Transform | None
   """
   n = len(next(iter(examples.values())))
   lo, hi = process_slice(global_batch, process_index, process_count)
-  packer = packer or (Packer(examples, pack_rows) if pack_rows else None)
   cut = Buckets(examples, buckets) if buckets and packer is None else None
   out = []
   for i, start in enumerate(range(0, n, global_batch)):

@@ -139,7 +139,7 @@ def packer(config: ConfigDict, examples: Mapping[str, np.ndarray], global_batch:
     logging.info("data.packing with training.grad_accum_steps > 1: packing off, length buckets instead")
     return None
   rows = math.lcm(jax.local_device_count(), max(1, global_batch // jax.process_count() // 8))
-  return loader.Packer(dict(examples), rows, token_keys=token_keys, fill=dict(fill or {}))
+  return loader.Packer(examples, rows, token_keys=token_keys, fill=fill)
 
 
 def valid_rows(outputs: list[Mapping[str, np.ndarray]], width: int = 0) -> dict[str, np.ndarray]:
