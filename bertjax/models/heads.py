@@ -158,10 +158,59 @@ class BertForQuestionAnswering(nnx.Module):
     return logits[..., 0], logits[..., 1]
 
 
+POOLING = ("mean", "cls")
+
+
+def pool_tokens(seq, member, pooling: str, counts=None):
+  """Pool `seq` [B, T, D] over the tokens each slot holds: `member` [B, S, T] (True where token t belongs to
+  slot s) -> [B, S, D] float32. "mean": the average of the slot's tokens (as sentence-transformers' mean pooling,
+  the count clamped at 1e-9); "cls": its first token. `counts` [B, S]: the slot's token count if known."""
+  if pooling == "cls":
+    first = jnp.argmax(member, axis=-1)  # [B, S]: the first token of each slot (0 for an empty slot)
+    return gather_positions(seq, first).astype(jnp.float32)
+  if pooling != "mean":
+    raise ValueError(f"pooling={pooling!r}; use one of {POOLING}")
+  sums = jnp.einsum("bst,btd->bsd", member.astype(seq.dtype), seq, preferred_element_type=jnp.float32)
+  counts = member.sum(-1) if counts is None else counts
+  return sums / jnp.maximum(counts.astype(jnp.float32), 1e-9)[..., None]
+
+
+class BertForSentenceEmbedding(nnx.Module):
+  """Sentence embeddings, as sentence-transformers' Transformer + Pooling (+ Normalize) modules: the encoder
+  (no pooler), then mean or [CLS] pooling of the last hidden state in float32, optionally L2-normalised.
+
+  Plain rows: one text a row, `attention_mask` marks its tokens -> [B, D]. Packed rows (several texts a row,
+  each its own `segment_ids` value 1..S with `position_ids` restarting): `slot_tokens` [B, S] holds each slot's
+  token count (S, the most texts a row, is its width) and `text_slots` [...] the flat index row * S + slot (over
+  all rows of the global batch) of each text wanted -> [..., D] in `text_slots`' shape.
+  """
+
+  def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+    self.bert = BertModel(cfg, rngs, add_pooling_layer=False)
+
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, position_ids=None, segment_ids=None,
+               slot_tokens=None, text_slots=None, pooling: str = "mean", normalize: bool = False,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    seq, _ = self.bert(input_ids, token_type_ids, attention_mask, position_ids=position_ids,
+                       segment_ids=segment_ids, deterministic=deterministic, rngs=rngs)
+    if segment_ids is None:
+      mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+      emb = pool_tokens(seq, mask[:, None, :], pooling)[:, 0]
+    else:
+      slots = jnp.arange(1, slot_tokens.shape[1] + 1, dtype=segment_ids.dtype)
+      member = segment_ids[:, None, :] == slots[None, :, None]
+      emb = pool_tokens(seq, member, pooling, slot_tokens)
+      emb = emb.reshape(-1, emb.shape[-1])[text_slots]
+    if normalize:  # torch.nn.functional.normalize(p=2, eps=1e-12), as sentence-transformers' Normalize
+      emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    return emb
+
+
 HEADS = {
     "pretraining": BertForPreTraining,
     "masked_lm": BertForMaskedLM,
     "sequence_classification": BertForSequenceClassification,
     "token_classification": BertForTokenClassification,
     "question_answering": BertForQuestionAnswering,
+    "sentence_embedding": BertForSentenceEmbedding,
 }
