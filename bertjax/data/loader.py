@@ -220,6 +220,12 @@ class Packer:
         col += n
     return {**out, **packed, "segment_ids": seg, "position_ids": pos, "cls_positions": cls}
 
+  def warmup_batch(self, batch: Batch, n_rows: int) -> Batch:
+    """A zero batch shaped like `pack`'s output for `batch` in `n_rows` rows (for compiling ahead)."""
+    out = self.pack(batch, np.zeros(0, np.int64), n_rows, 0)
+    out["cls_positions"] = np.zeros(len(next(iter(batch.values()))), np.int32)
+    return out
+
 
 def process_slice(global_batch: int, process_index: int, process_count: int) -> tuple[int, int]:
   """The contiguous rows `[lo, hi)` of a global batch that one process reads."""
@@ -297,8 +303,7 @@ class BatchSource:
     b = {k: np.zeros((self.local_batch, *v.shape[1:]), v.dtype) for k, v in self.examples.items()}
     b = crop(b, width, self.buckets.full) if self.buckets is not None else b
     if self.packer is not None:  # `width` is the row count
-      b = self.packer.pack(b, np.zeros(0, np.int64), width, 0)
-      b["cls_positions"] = np.zeros(self.local_batch, np.int32)
+      b = self.packer.warmup_batch(b, width)
     return b if self.transform is None else self.transform(b, np.random.default_rng(0))
 
   def __call__(self, start_step: int) -> Iterator[Batch]:

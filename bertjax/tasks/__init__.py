@@ -12,6 +12,7 @@ TASKS = {
     "ner": "bertjax.tasks.ner:NerTask",
     "squad": "bertjax.tasks.squad:SquadTask",
     "classification": "bertjax.tasks.classify:ClassificationTask",
+    "embedding": "bertjax.tasks.embed:EmbeddingTask",
 }
 
 

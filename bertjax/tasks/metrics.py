@@ -57,6 +57,30 @@ def spearman(preds: Any, labels: Any) -> float:
   return _corr(scipy.stats.spearmanr, preds, labels)
 
 
+def retrieval(queries: np.ndarray, corpus: np.ndarray, relevant: Sequence[Sequence[int]],
+              ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, Any]:
+  """Exact search by dot product (cosine for unit vectors) of `queries` [Q, D] over `corpus` [C, D]; `relevant[q]`:
+  the corpus rows relevant to query q. -> recall@k (the fraction of each query's relevant rows in its top k,
+  averaged over queries), mrr@10 (1 / rank of the first relevant row within the top 10, else 0) and `top`
+  [Q, max(ks, 10)] (row indices, best first). Queries go `chunk` at a time, so memory stays [chunk, C]."""
+  depth = min(max(*ks, 10), len(corpus))
+  top = np.zeros((len(queries), depth), np.int64)
+  for i in range(0, len(queries), chunk):
+    s = queries[i:i + chunk] @ corpus.T
+    part = np.argpartition(-s, depth - 1, axis=1)[:, :depth]
+    order = np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable")
+    top[i:i + chunk] = np.take_along_axis(part, order, 1)
+  out: dict[str, Any] = {}
+  hits = np.array([[t in set(np.asarray(r).tolist()) for t in row] for row, r in zip(top, relevant)], bool)
+  n_rel = np.array([max(len(r), 1) for r in relevant], np.float64)
+  for k in ks:
+    out[f"recall@{k}"] = float(np.mean(hits[:, :k].sum(1) / n_rel))
+  first = np.where(hits[:, :10].any(1), hits[:, :10].argmax(1) + 1, 0)
+  out["mrr@10"] = float(np.mean(np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0)))
+  out["top"] = top
+  return out
+
+
 def glue_metrics(task: str, preds: Any, labels: Any) -> dict[str, float]:
   """GLUE dev metrics. `preds` are class ids or `[N, C]` logits (scores for stsb).
 
