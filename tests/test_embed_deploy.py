@@ -1,5 +1,5 @@
 """Sentence embeddings through the deployment commands: `Predictor` (checkpoint and export), `bertjax.predict`
-(.jsonl / .npy).
+(.jsonl / .npy), and `POST /embed` of `bertjax.serve`.
 
 One tiny random-parameter sentence_embedding checkpoint (mean pooling, normalised; MiniLM's vocabulary) and one
 tiny classifier serve the whole module. The reference is the model itself applied to the texts at the full
@@ -7,11 +7,14 @@ training length (48); the predictor pads batches to shorter buckets instead.
 """
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from test_predict import TEXTS, make_checkpoint
+from test_serve_production import _metric, _request
 
 LONG = " ".join(TEXTS[3].split() * 4)  # more than 48 tokens: truncated like training
 EMB_TEXTS = [*TEXTS, LONG, "Ada Lovelace wrote the first program"]
@@ -103,3 +106,54 @@ def test_export_of_an_embedding_model_bakes_in_pooling(emb, tmp_path):
   ex = predict.load(str(tmp_path / "x"), batch_size=4)
   assert ex.head == "sentence_embedding" and ex.embedding == p.embedding
   assert np.abs(ex.embed(EMB_TEXTS) - p.embed(EMB_TEXTS)).max() < 2e-6
+
+
+def _serve(predictor, **kw):
+  from bertjax import serve
+  server = serve.make_server(predictor, port=0, **kw)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  return server, server.server_address[1]
+
+
+def test_serve_embed_route(emb, classifier):
+  from bertjax import predict
+  _, _, p = emb
+  want = {t: e for t, e in zip(EMB_TEXTS, p.embed(EMB_TEXTS))}
+  server, port = _serve(p, max_batch_size=8, max_wait_ms=20, api_keys=["k1"])
+  try:
+    jobs = [EMB_TEXTS[i % 8:i % 8 + 1 + i % 3] for i in range(24)]
+    with ThreadPoolExecutor(6) as pool:
+      res = list(pool.map(lambda t: _request(port, "/embed", json.dumps({"texts": t}).encode(), key="k1"), jobs))
+    for texts, (status, data) in zip(jobs, res):
+      body = json.loads(data)
+      assert status == 200 and body["dim"] == 32 and len(body["embeddings"]) == len(texts)
+      assert np.abs(np.array(body["embeddings"]) - [want[t] for t in texts]).max() < 2e-6
+    assert server.batcher.batches < 24  # requests shared forward passes
+    status, data = _request(port, "/embed", json.dumps({"text": "fine"}).encode(), key="k1")
+    assert status == 200 and np.abs(np.array(json.loads(data)["embeddings"]) - [want["fine"]]).max() < 2e-6
+    assert _request(port, "/embed", json.dumps({"text": "fine"}).encode())[0] == 401
+    bad = [("/predict", {"texts": ["a"]}, 400, "use POST /embed"),
+           ("/embed", {"texts": ["a"], "text_pairs": ["b"]}, 400, "single texts"),
+           ("/embed", {"texts": []}, 400, "no texts"), ("/embed", {"txt": "a"}, 400, "missing 'texts'")]
+    for route, body, status, reason in bad:
+      got, data = _request(port, route, json.dumps(body).encode(), key="k1")
+      err = json.loads(data)["error"]
+      assert got == status and reason in err and "\n" not in err, (route, body, got, err)
+    text = _request(port, "/metrics", key="k1")[1].decode()
+    assert _metric(text, "bertjax_requests_total", route="/embed", status="200") == 25
+    assert _metric(text, "bertjax_requests_total", route="/embed", status="401") == 1
+    assert _metric(text, "bertjax_requests_total", route="/embed", status="400") == 3
+    assert _metric(text, "bertjax_requests_total", route="/predict", status="400") == 1
+  finally:
+    server.shutdown()
+    server.server_close()
+  server, port = _serve(predict.Predictor.from_checkpoint(classifier, batch_size=4))
+  try:
+    got, data = _request(port, "/embed", json.dumps({"text": "a"}).encode())
+    assert got == 400 and json.loads(data)["error"] == ("POST /embed does not serve this model (head "
+                                                       "sequence_classification); use POST /predict")
+    assert _request(port, "/predict", json.dumps({"text": "a"}).encode())[0] == 200
+  finally:
+    server.shutdown()
+    server.server_close()
