@@ -1,5 +1,5 @@
 """Sentence embeddings through the deployment commands: `Predictor` (checkpoint and export), `bertjax.predict`
-(.jsonl / .npy), and `POST /embed` of `bertjax.serve`.
+(.jsonl / .npy), `POST /embed` of `bertjax.serve`, and `bertjax.search` (Index and command).
 
 One tiny random-parameter sentence_embedding checkpoint (mean pooling, normalised; MiniLM's vocabulary) and one
 tiny classifier serve the whole module. The reference is the model itself applied to the texts at the full
@@ -18,6 +18,8 @@ from test_serve_production import _metric, _request
 
 LONG = " ".join(TEXTS[3].split() * 4)  # more than 48 tokens: truncated like training
 EMB_TEXTS = [*TEXTS, LONG, "Ada Lovelace wrote the first program"]
+CORPUS = ["the cat sat on the mat", "stock markets fell sharply on monday", "a recipe for apple pie",
+          "the weather in Paris is sunny", "football results from the weekend", LONG, "a gripping , beautifully shot film"]
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +159,73 @@ def test_serve_embed_route(emb, classifier):
   finally:
     server.shutdown()
     server.server_close()
+
+
+def test_search_index_exact_cosine(emb, tmp_path, monkeypatch):
+  from bertjax.deploy import search
+  _, _, p = emb
+  index = search.Index.build(p, CORPUS, [f"doc{i}" for i in range(len(CORPUS))])
+  index.save(str(tmp_path / "ix"))
+  loaded = search.Index.load(str(tmp_path / "ix"))
+  assert loaded.ids == index.ids and loaded.texts == CORPUS and loaded.meta["checkpoint"] == p.source
+  assert isinstance(loaded.embeddings, np.memmap) and loaded.embeddings.dtype == np.float32
+  queries = [CORPUS[2], CORPUS[5], "cats on mats", "markets"]
+  hits = loaded.search(queries, k=3)  # loads the index's own checkpoint for the text queries
+  assert [h[0]["id"] for h in hits[:2]] == ["doc2", "doc5"] and hits[0][0]["text"] == CORPUS[2]
+  c, q = p.embed(CORPUS), p.embed(queries)
+  cos = (q @ c.T) / np.linalg.norm(q, axis=1)[:, None] / np.linalg.norm(c, axis=1)[None]
+  for row, h in zip(cos, hits):
+    assert [x["rank"] for x in h] == [1, 2, 3] and [x["id"] for x in h] == [f"doc{i}" for i in np.argsort(-row)[:3]]
+    np.testing.assert_allclose([x["score"] for x in h], np.sort(row)[::-1][:3], atol=2e-6)
+  # blocks of 2 queries x 3 texts give the same top-k as one block; k past N gives N
+  full = loaded.top_k(q, 5)
+  monkeypatch.setattr(search, "QUERY_BLOCK", 2)
+  monkeypatch.setattr(search, "CORPUS_BLOCK", 3)
+  blocked = loaded.top_k(q, 5)
+  assert np.array_equal(full[1], blocked[1]) and np.allclose(full[0], blocked[0], atol=1e-7)
+  assert loaded.top_k(q, 50)[1].shape == (4, len(CORPUS))
+  from bertjax.errors import UserError
+  with pytest.raises(UserError, match=r"wants \[n, 32\]"):
+    loaded.top_k(np.zeros((1, 8)), 1)
+
+
+def test_search_command(emb, classifier, tmp_path, capsys):
+  from bertjax import search
+  wd, _, p = emb
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(CORPUS)) +
+                    json.dumps({"id": "blank", "text": "  "}) + "\n")
+  out = tmp_path / "ix"
+  assert search.main(["index", f"--checkpoint={wd}", f"--corpus={corpus}", f"--out={out}", "--no-progress"]) == 0
+  assert "1 blank texts skipped" in capsys.readouterr().err
+  emb_file = np.load(out / "embeddings.npy")
+  assert emb_file.dtype == np.float32 and emb_file.shape == (len(CORPUS), 32)
+  np.testing.assert_allclose(np.linalg.norm(emb_file, axis=1), 1.0, atol=1e-6)
+  assert [json.loads(l)["id"] for l in (out / "texts.jsonl").read_text().splitlines()] == \
+      [f"d{i}" for i in range(len(CORPUS))]
+  assert json.loads((out / "index.json").read_text())["checkpoint"] == p.source
+  queries = tmp_path / "q.txt"
+  queries.write_text(f"{CORPUS[4]}\n{CORPUS[0]}\n")
+  hits = tmp_path / "hits.jsonl"
+  assert search.main(["query", f"--index={out}", f"--queries={queries}", "--top_k=2", f"--output={hits}",
+                      "--no-progress"]) == 0
+  assert "FAISS" in capsys.readouterr().err
+  rows = [json.loads(l) for l in hits.read_text().splitlines()]
+  assert [r["text"] for r in rows] == [CORPUS[4], CORPUS[0]] and [len(r["hits"]) for r in rows] == [2, 2]
+  assert [r["hits"][0]["id"] for r in rows] == ["d4", "d0"] and abs(rows[0]["hits"][0]["score"] - 1) < 1e-5
+  cases = [(["index", f"--checkpoint={wd}", f"--corpus={corpus}", f"--out={out}"], "not an empty folder"),
+           (["index", f"--checkpoint={classifier}", f"--corpus={corpus}", f"--out={tmp_path / 'c'}"],
+            "search needs a sentence_embedding model"),
+           (["index", f"--checkpoint={wd}", f"--corpus={corpus}", f"--out={tmp_path / 'd'}", "--id_field=key"],
+            "no column 'key'"),
+           (["query", f"--index={out}", f"--queries={queries}", "--top_k=0", f"--output={hits}"], "--top_k=0"),
+           (["query", f"--index={tmp_path}", f"--queries={queries}", f"--output={hits}"], "is not a search index"),
+           (["query", f"--index={out}", f"--queries={queries}", f"--output={tmp_path / 'h.csv'}"],
+            "unknown file type"),
+           (["query", f"--index={out}", f"--queries={queries}", f"--output={hits}", f"--checkpoint={classifier}"],
+            "search needs a sentence_embedding model")]
+  before = hits.read_text()
+  for args, msg in cases:
+    assert search.main([*args, "--no-progress"]) == 2, args
+    assert msg in one_line_error(capsys, "bertjax.search"), args
+  assert hits.read_text() == before and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
