@@ -19,7 +19,8 @@ from test_serve_production import _metric, _request
 LONG = " ".join(TEXTS[3].split() * 4)  # more than 48 tokens: truncated like training
 EMB_TEXTS = [*TEXTS, LONG, "Ada Lovelace wrote the first program"]
 CORPUS = ["the cat sat on the mat", "stock markets fell sharply on monday", "a recipe for apple pie",
-          "the weather in Paris is sunny", "football results from the weekend", LONG, "a gripping , beautifully shot film"]
+          "the weather in Paris is sunny", "football results from the weekend", LONG,
+          "a gripping , beautifully shot film"]
 
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,7 @@ class Index:
       for cs in range(0, n, CORPUS_BLOCK):
         sim = block @ np.asarray(self.embeddings[cs:cs + CORPUS_BLOCK]).T
         kk = min(k, sim.shape[1])
-        part = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
+        part = np.argpartition(sim, sim.shape[1] - kk, axis=1)[:, -kk:]  # the kk largest, unordered
         cand_s = np.concatenate([best_s, np.take_along_axis(sim, part, 1)], 1)
         cand_r = np.concatenate([best_r, part + cs], 1)
         order = np.lexsort((cand_r, -cand_s), axis=-1)[:, :k]

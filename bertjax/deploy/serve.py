@@ -393,8 +393,8 @@ class Service:
     return Response(json.dumps(payload, ensure_ascii=False).encode(), media_type="application/json")
 
   async def not_found(self, request: Request, exc: Any) -> Response:
-    return self._error(getattr(exc, "status_code", 404), f"no route {request.method} {request.url.path}; use POST /predict "
-                       "(or /embed), GET /health/ready, /health/live or /metrics")
+    return self._error(getattr(exc, "status_code", 404), f"no route {request.method} {request.url.path}; use POST "
+                       "/predict (or /embed), GET /health/ready, /health/live or /metrics")
 
   # -- helpers -----------------------------------------------------------------------------------------------------
   @staticmethod
