@@ -1,13 +1,14 @@
 """Bounded loopback load test of `bertjax.serve`: requests/s, p50 / p99 latency and errors per concurrency.
 
     python benchmarks/serve_load.py --model=<export | checkpoint> [--requests=1000] [--concurrency=1,8,32]
-        [--workers=1,2] [--checkout=<another bertjax checkout, e.g. an older commit>]
+        [--workers=1,2] [--route=/predict | /embed] [--checkout=<another bertjax checkout, e.g. an older commit>]
 
 For each worker count it starts `python -m bertjax.serve` (from this checkout, or `--checkout`) on a free loopback
-port with an API key, waits until it answers GET /health, then sends `--requests` one-sentence POST /predict
-requests (SST-2 dev sentences, cycled) from N client threads for each concurrency N, over keep-alive connections.
-Where the server has /metrics, it is scraped during and after each round and its /predict counter must grow by the
-requests sent. The server is stopped with SIGTERM and must exit 0.
+port with an API key, waits until it answers GET /health, then sends `--requests` one-sentence POST requests to
+`--route` (/predict; /embed for a sentence_embedding model) (SST-2 dev sentences, cycled) from N client threads for
+each concurrency N, over keep-alive connections. Where the server has /metrics, it is scraped during and after each
+round and its counter of 200s on that route must grow by the requests sent. The server is stopped with SIGTERM and
+must exit 0.
 """
 
 from __future__ import annotations
@@ -45,14 +46,14 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
   return out
 
 
-def _predict_count(port: int) -> float | None:
+def _route_count(port: int, route: str) -> float | None:
   try:
     status, body = _get(port, "/metrics")
   except OSError:
     return None
   if status != 200:
     return None
-  m = re.search(r'bertjax_requests_total\{route="/predict",status="200"\} (\S+)', body.decode())
+  m = re.search(rf'bertjax_requests_total\{{route="{re.escape(route)}",status="200"\}} (\S+)', body.decode())
   return float(m.group(1)) if m else 0.0
 
 
@@ -82,7 +83,7 @@ def run_server(a, workers: int, texts: list[str]) -> dict:
       local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     t = time.perf_counter()
     try:
-      local.conn.request("POST", "/predict", body=json.dumps({"text": text}),
+      local.conn.request("POST", a.route, body=json.dumps({"text": text}),
                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
       r = local.conn.getresponse()
       r.read()
@@ -95,13 +96,13 @@ def run_server(a, workers: int, texts: list[str]) -> dict:
   results = {}
   try:
     for c in (int(x) for x in a.concurrency.split(",")):
-      before = _predict_count(port)
+      before = _route_count(port, a.route)
       scraped_during = []
       stop = threading.Event()
 
       def scrape():
         while not stop.wait(0.5):
-          scraped_during.append(_predict_count(port))
+          scraped_during.append(_route_count(port, a.route))
 
       scraper = threading.Thread(target=scrape, daemon=True)
       scraper.start()
@@ -111,7 +112,7 @@ def run_server(a, workers: int, texts: list[str]) -> dict:
       wall = time.perf_counter() - t0
       stop.set()
       scraper.join()
-      after = _predict_count(port)
+      after = _route_count(port, a.route)
       lat = np.array([x[1] for x in out]) * 1000
       results[c] = {"requests": a.requests, "requests_per_s": round(a.requests / wall, 1),
                     "p50_ms": round(float(np.percentile(lat, 50)), 1),
@@ -133,6 +134,8 @@ def main():
   ap.add_argument("--requests", type=int, default=1000)
   ap.add_argument("--concurrency", default="1,8,32")
   ap.add_argument("--workers", default="1,2")
+  ap.add_argument("--route", default="/predict", choices=("/predict", "/embed"),
+                  help="/embed for a sentence_embedding model")
   ap.add_argument("--checkout", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   ap.add_argument("--glue_dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue"))
   a = ap.parse_args()
@@ -140,7 +143,7 @@ def main():
   lines = open(os.path.join(a.glue_dir, "SST-2", "dev.tsv"), encoding="utf-8").read().splitlines()[1:]
   texts = [line.split("\t")[0] for line in lines]
   report = {str(w): run_server(a, int(w), texts) for w in a.workers.split(",")}
-  print(json.dumps({"model": a.model, "checkout": a.checkout, "by_workers": report}, indent=2))
+  print(json.dumps({"model": a.model, "route": a.route, "checkout": a.checkout, "by_workers": report}, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 DIR holds
   model.jax       the forward pass serialized with `jax.export` (weights baked in as constants), with symbolic
                   batch and sequence dimensions ("b, t"; t <= the position table): int32 `input_ids`,
-                  `token_type_ids`, `attention_mask` [b, t] -> the head's float32 outputs
+                  `token_type_ids`, `attention_mask` [b, t] -> the head's float32 outputs (embeddings [b, D])
   tokenizer.json  the run's tokenizer (HF `tokenizers`)
-  predictor.json  head, labels, maximum length, QA window settings, the platforms it was lowered for
+  predictor.json  head, labels, maximum length, QA window settings, an embedding model's pooling and
+                  normalisation (applied inside model.jax), the platforms it was lowered for
 It needs only jax, numpy and tokenizers to run (`load_forward`): no bertjax model code, no orbax, no flax.
 `python -m bertjax.serve --model=DIR` and `python -m bertjax.predict --checkpoint=DIR` take it.
 """
@@ -27,7 +28,7 @@ from bertjax.artifacts.workdir import find_checkpoint
 from bertjax.data import glue, tokenizer as toklib
 from bertjax.deploy import quantize
 from bertjax.deploy.cli import Parser, add_out, check_out, clear_out, prog, run_cli
-from bertjax.deploy.predictor import Predictor
+from bertjax.deploy.predictor import Predictor, model_options
 from bertjax.errors import UserError
 
 FORWARD_FILE, SPEC_FILE, TOKENIZER_FILE = "model.jax", "predictor.json", "tokenizer.json"
@@ -48,8 +49,10 @@ def export(predictor: Any, params: dict | None, meta: dict, out: str, platforms:
   graphdef, state = nnx.split(model)
   state = jax.tree.map(jnp.asarray, state)
 
+  options = model_options(predictor.embedding)
+
   def forward(input_ids, token_type_ids, attention_mask):
-    return nnx.merge(graphdef, state)(input_ids, token_type_ids, attention_mask, deterministic=True)
+    return nnx.merge(graphdef, state)(input_ids, token_type_ids, attention_mask, deterministic=True, **options)
 
   b, t = jax.export.symbolic_shape("b, t", constraints=[f"t <= {cfg.max_position_embeddings}"])
   spec = jax.ShapeDtypeStruct((b, t), jnp.int32)
@@ -65,7 +68,8 @@ def export(predictor: Any, params: dict | None, meta: dict, out: str, platforms:
   info = {"head": predictor.head, "label_names": predictor.label_names, "problem_type": predictor.problem_type,
           "threshold": predictor.threshold, "max_seq_length": predictor.max_seq_length, "qa": predictor.qa,
           "max_position_embeddings": cfg.max_position_embeddings, "platforms": list(platforms),
-          "source": predictor.source, "inputs": ["input_ids", "token_type_ids", "attention_mask"]}
+          "embedding": predictor.embedding, "source": predictor.source,
+          "inputs": ["input_ids", "token_type_ids", "attention_mask"]}
   with open(os.path.join(out, SPEC_FILE), "w") as f:
     json.dump(info, f, indent=2)
   return info
@@ -93,7 +97,7 @@ def load_predictor(folder: str, *, max_seq_length: int | None = None, tokenizer:
     qa["doc_stride"] = int(doc_stride)
   tok = glue.as_tokenizer(toklib.load(tokenizer or os.path.join(folder, TOKENIZER_FILE)))
   return Predictor(load_forward(folder), spec["head"], tok, max_len, list(spec["label_names"]), spec["problem_type"],
-                   float(spec["threshold"]), batch_size, qa, folder)
+                   float(spec["threshold"]), batch_size, qa, folder, dict(spec.get("embedding") or {}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Predictions from a fine-tuned checkpoint on new text: `python -m bertjax.predict` (`bertjax-predict`).
 
     python -m bertjax.predict --checkpoint=workdirs/sst2 --input=reviews.txt --output=labels.jsonl
+    python -m bertjax.predict --checkpoint=workdirs/embed --input=texts.txt --output=embeddings.npy
 
 The predictor itself (`Predictor`, every head's outputs) is `bertjax.deploy.predictor`.
 """
@@ -24,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", required=True, help="workdir (its best checkpoint), <workdir>/best or a step "
                  "folder; or a quantized model folder (python -m bertjax.quantize)")
   p.add_argument("--input", required=True, help=".txt (one text a line), .tsv (header row) or .jsonl")
-  p.add_argument("--output", required=True, help=".jsonl or .tsv")
+  p.add_argument("--output", required=True, help=".jsonl or .tsv; for a sentence_embedding model also .npy (the "
+                 "embeddings as one float32 array [N, D], in input order)")
   p.add_argument("--text_field", default=None, help="input column of the text (default: text, else sentence; "
                  "QA: question)")
   p.add_argument("--text_pair_field", default=None, help="second text of pairs (QA: the context, default context)")

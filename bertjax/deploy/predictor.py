@@ -6,9 +6,11 @@
 Every fine-tuning head: sequence classification (`label` + `probabilities`; `labels` for multi-label),
 regression (`score`), token classification (`entities` with character offsets into the input text) and
 extractive QA (`answer`: text, character offsets into the context, start + end logit; long contexts become
-windows `doc_stride` tokens apart, as in training). NER texts longer than the model are tagged in consecutive
-pieces of `max_seq_length - 2` tokens. The tokenizer, maximum length and QA window settings come
-from the checkpoint's workdir (`tokenizer/`, `config.json`); labels from the checkpoint meta. A workdir given
+windows `doc_stride` tokens apart, as in training); and sentence embeddings (`embedding`: a list of floats, with
+the checkpoint's pooling and normalisation; `Predictor.embed` gives them as one float32 array). NER texts longer
+than the model are tagged in consecutive pieces of `max_seq_length - 2` tokens. The tokenizer, maximum length and
+QA window settings come from the checkpoint's workdir (`tokenizer/`, `config.json`); labels, pooling and
+normalisation from the checkpoint meta. A workdir given
 as `--checkpoint` means its best checkpoint (`<workdir>/best`, the one the training run's prediction files
 came from) when there is one, else its latest step.
 
@@ -18,13 +20,14 @@ outputs are written back in input order.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -36,9 +39,12 @@ from bertjax.artifacts import factory, load as artifacts_load
 from bertjax.artifacts.workdir import find_checkpoint, training_config, workdir_of
 from bertjax.data import glue, loader, squad, tokenizer as toklib
 from bertjax.errors import UserError
+from bertjax.models.heads import POOLING
 from bertjax.tasks.metrics import get_entities
 
 FINETUNE_HEADS = ("sequence_classification", "token_classification", "question_answering")
+EMBEDDING_HEAD = "sentence_embedding"
+PREDICT_HEADS = (*FINETUNE_HEADS, EMBEDDING_HEAD)
 # Prediction sorts inputs by length, so a batch's rows are about equally long and finer widths than training's
 # "auto" (whose batches are random) cut real padding: on the SST-2 dev sentences (batch 32, sorted) the mean width
 # is 31.3 tokens with these widths vs 37.1 with powers of two, against 25.5 real tokens.
@@ -61,9 +67,9 @@ def predict_widths(max_len: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass
 class Predictor:
-  """Raw text in, labels / scores / entities / answers out. `forward(arrays)` maps int32 `input_ids`,
-  `token_type_ids`, `attention_mask` [B, T] to the head's float32 outputs (logits [B, C], [B, T, C], or
-  start and end logits [B, T] each)."""
+  """Raw text in, labels / scores / entities / answers / embeddings out. `forward(arrays)` maps int32 `input_ids`,
+  `token_type_ids`, `attention_mask` [B, T] to the head's float32 outputs (logits [B, C], [B, T, C], start and
+  end logits [B, T] each, or embeddings [B, D] already pooled and normalised as `embedding` says)."""
 
   forward: Callable[[dict[str, np.ndarray]], Any]
   head: str
@@ -75,6 +81,7 @@ class Predictor:
   batch_size: int = 32
   qa: dict = dataclasses.field(default_factory=dict)  # doc_stride, max_query_length, n_best_size, ...
   source: str = ""
+  embedding: dict = dataclasses.field(default_factory=dict)  # pooling, normalize, dim (sentence_embedding)
 
   @classmethod
   def from_checkpoint(cls, path: str, *, max_seq_length: int | None = None, tokenizer: str | None = None,
@@ -91,9 +98,9 @@ class Predictor:
     """From a params tree + checkpoint meta; `forward` replaces the JAX model (e.g. a quantized one), `workdir`
     the folder holding `tokenizer/` and `config.json` (default: the run folder above `step_dir`)."""
     head = meta.get("head")
-    if head not in FINETUNE_HEADS:
-      raise UserError(f"checkpoint {step_dir} has head {head!r}, not a fine-tuning head ({', '.join(FINETUNE_HEADS)});"
-                      " fine-tune it first (configs/glue.py, ner.py, squad.py, classify.py)")
+    if head not in PREDICT_HEADS:
+      raise UserError(f"checkpoint {step_dir} has head {head!r}, not a fine-tuning head ({', '.join(FINETUNE_HEADS)})"
+                      f" or {EMBEDDING_HEAD}; fine-tune it first (configs/glue.py, ner.py, squad.py, classify.py)")
     workdir = workdir or workdir_of(step_dir)
     data = training_config(workdir)
     tok_src = tokenizer or (paths.join(workdir, "tokenizer") if workdir else None)
@@ -104,8 +111,9 @@ class Predictor:
     max_len = int(max_seq_length or data.get("max_seq_length") or min(cfg.max_position_embeddings, 512))
     if max_len > cfg.max_position_embeddings:
       raise UserError(f"--max_seq_length={max_len} exceeds the model's position table ({cfg.max_position_embeddings})")
+    embedding = embedding_settings(meta, cfg.hidden_size, step_dir) if head == EMBEDDING_HEAD else {}
     if forward is None:
-      forward = jax_forward(factory.model_from_meta(meta, params))
+      forward = jax_forward(factory.model_from_meta(meta, params), **model_options(embedding))
     qa = {"doc_stride": int(doc_stride or data.get("doc_stride") or 128),
           "max_query_length": int(data.get("max_query_length") or 64),
           "n_best_size": int(data.get("n_best_size") or 20),
@@ -115,7 +123,7 @@ class Predictor:
     return cls(forward, head, tok, max_len, [str(n) for n in meta.get("label_names") or []],
                str(meta.get("problem_type") or ("regression" if meta.get("num_labels") == 1 else
                                                 "single_label_classification")),
-               float(meta.get("threshold") or 0.5), batch_size, qa, step_dir)
+               float(meta.get("threshold") or 0.5), batch_size, qa, step_dir, embedding)
 
   # -- batched forward ------------------------------------------------------------------------------------------
   def run(self, feats: dict[str, np.ndarray], progress: Any = None) -> list[Any]:
@@ -156,6 +164,10 @@ class Predictor:
                ) -> list[dict[str, Any]]:
     """One dict per text (for QA: `texts` are questions, `text_pairs` contexts)."""
     texts = [str(t) for t in texts]
+    if self.head == EMBEDDING_HEAD:
+      if text_pairs is not None:
+        raise UserError("sentence embeddings take single texts; drop the text pairs (--text_pair_field)")
+      return [{"embedding": row.tolist()} for row in self.embed(texts, progress)]
     if self.head == "question_answering":
       if text_pairs is None:
         raise UserError("question answering needs contexts: pass text_pairs (--text_pair_field, default 'context')")
@@ -165,6 +177,15 @@ class Predictor:
     feats = glue.encode_pairs(self.tokenizer, texts, None if text_pairs is None else [str(t) for t in text_pairs],
                               self.max_seq_length)
     return self.classify(np.stack(self.run(feats, progress)) if texts else np.zeros((0, 1), np.float32))
+
+  def embed(self, texts: Sequence[str], progress: Any = None) -> np.ndarray:
+    """The embeddings of `texts` as one float32 array [N, D], in input order (batched by length like `run`)."""
+    if self.head != EMBEDDING_HEAD:
+      raise UserError(f"embed() needs a {EMBEDDING_HEAD} model; this one is {self.head}: call the predictor instead")
+    if not texts:
+      return np.zeros((0, int(self.embedding.get("dim") or 0)), np.float32)
+    feats = glue.encode_pairs(self.tokenizer, [str(t) for t in texts], None, self.max_seq_length)
+    return np.stack(self.run(feats, progress)).astype(np.float32, copy=False)
 
   def classify(self, logits: np.ndarray) -> list[dict[str, Any]]:
     logits = logits.astype(np.float64)
@@ -256,17 +277,32 @@ def entities(text: str, enc: Any, logits: np.ndarray, label_names: Sequence[str]
   return out
 
 
-def jax_forward(model: nnx.Module) -> Callable:
-  """A jitted `arrays -> outputs` of an NNX model (compiled once per model and batch shape)."""
+def embedding_settings(meta: dict, hidden_size: int, where: str) -> dict:
+  """The pooling, normalisation and width of a sentence_embedding checkpoint's embeddings (from its meta)."""
+  pooling = str(meta.get("pooling") or "mean")
+  if pooling not in POOLING:
+    raise UserError(f"checkpoint {where} has pooling={pooling!r}; bertjax pools by {' or '.join(POOLING)}")
+  return {"pooling": pooling, "normalize": bool(meta.get("normalize")), "dim": int(hidden_size)}
+
+
+def model_options(embedding: dict) -> dict:
+  """The model-call keyword arguments of `Predictor.embedding` (pooling, normalize; none for other heads)."""
+  return {k: embedding[k] for k in ("pooling", "normalize")} if embedding else {}
+
+
+def jax_forward(model: nnx.Module, **options: Any) -> Callable:
+  """A jitted `arrays -> outputs` of an NNX model (compiled once per model and batch shape); `options` are
+  keyword arguments of the model's call (an embedding model's `pooling`, `normalize`)."""
   graphdef, state = nnx.split(model)
-  return lambda a: apply(graphdef, state, a["input_ids"], a["token_type_ids"], a["attention_mask"])
+  opts = tuple(sorted(options.items()))
+  return lambda a: apply(graphdef, state, a["input_ids"], a["token_type_ids"], a["attention_mask"], options=opts)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def apply(graphdef, state, input_ids, token_type_ids, attention_mask):
+@functools.partial(jax.jit, static_argnums=0, static_argnames="options")
+def apply(graphdef, state, input_ids, token_type_ids, attention_mask, options: tuple = ()):
   """The model's deterministic forward pass; one jit for every predictor, so the same model and shapes compile
-  once per process."""
-  return nnx.merge(graphdef, state)(input_ids, token_type_ids, attention_mask, deterministic=True)
+  once per process. `options`: (name, value) pairs passed to the model's call."""
+  return nnx.merge(graphdef, state)(input_ids, token_type_ids, attention_mask, deterministic=True, **dict(options))
 
 
 # -- files --------------------------------------------------------------------------------------------------------
@@ -338,23 +374,35 @@ def flat_row(pred: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+@contextlib.contextmanager
+def output_file(path: str, binary: bool = False) -> Iterator[IO]:
+  """A file to write `path` through: a temporary file beside it that replaces `path` only when the block ends
+  without an error (an existing output stays as it was otherwise)."""
+  with paths.staged(os.path.dirname(os.path.abspath(path))) as folder:
+    final = os.path.join(folder, os.path.basename(path))
+    tmp = f"{final}.tmp{os.getpid()}"
+    try:
+      with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        yield f
+      os.replace(tmp, final)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+
 def write_rows(path: str, rows: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]]) -> None:
   """Each input row with its prediction fields added (a prediction field replaces an input field of that name)."""
   ext = os.path.splitext(path)[1].lower()
   if ext not in (".jsonl", ".tsv"):
     raise UserError(f"output {path}: unknown file type {ext!r}; use .jsonl or .tsv")
-  with paths.staged(os.path.dirname(os.path.abspath(path))) as folder:
-    final = os.path.join(folder, os.path.basename(path))
-    tmp = f"{final}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-      if ext == ".jsonl":
-        f.writelines(json.dumps({**r, **p}, ensure_ascii=False) + "\n" for r, p in zip(rows, predictions))
-      else:
-        merged = [{**r, **flat_row(p)} for r, p in zip(rows, predictions)]
-        cols = list(dict.fromkeys(k for m in merged for k in m))
-        f.write("\t".join(cols) + "\n")
-        f.writelines("\t".join(_cell(m.get(c, "")) for c in cols) + "\n" for m in merged)
-    os.replace(tmp, final)
+  with output_file(path) as f:
+    if ext == ".jsonl":
+      f.writelines(json.dumps({**r, **p}, ensure_ascii=False) + "\n" for r, p in zip(rows, predictions))
+    else:
+      merged = [{**r, **flat_row(p)} for r, p in zip(rows, predictions)]
+      cols = list(dict.fromkeys(k for m in merged for k in m))
+      f.write("\t".join(cols) + "\n")
+      f.writelines("\t".join(_cell(m.get(c, "")) for c in cols) + "\n" for m in merged)
 
 
 def _cell(v: Any) -> str:
@@ -374,8 +422,13 @@ def read_input(input_path: str) -> tuple[list[dict[str, Any]], list[str]]:
 def predict_file(predictor: Predictor, input_path: str, output_path: str, text_field: str | None = None,
                  text_pair_field: str | None = None, progress: bool = True,
                  rows: tuple[list[dict[str, Any]], list[str]] | None = None) -> int:
-  """Predict every row of `input_path` (or its already read `rows`) into `output_path`; returns the row count."""
+  """Predict every row of `input_path` (or its already read `rows`) into `output_path`; returns the row count.
+  An embedding model may write `.npy`: its embeddings as one float32 array [N, D] in input order."""
   rows, cols = rows or read_input(input_path)
+  npy = os.path.splitext(output_path)[1].lower() == ".npy"
+  if npy and (predictor.head != EMBEDDING_HEAD or text_pair_field):
+    raise UserError(f"output {output_path}: .npy holds the embeddings of single texts (a {EMBEDDING_HEAD} model, "
+                    f"no --text_pair_field); this is {predictor.head}: write .jsonl or .tsv")
   qa = predictor.head == "question_answering"
   tf = pick_field(cols, text_field, ("question",) if qa else ("text", "sentence"), input_path, "--text_field")
   pf = (pick_field(cols, text_pair_field, ("context",) if qa else (), input_path, "--text_pair_field")
@@ -384,15 +437,22 @@ def predict_file(predictor: Predictor, input_path: str, output_path: str, text_f
     for f in (tf, pf) if pf else (tf,):
       if f not in r:
         raise UserError(f"{input_path}: row {n} has no field {f!r}")
-  bar = _progress_bar(len(rows)) if progress else None
+  bar = progress_bar(len(rows)) if progress else None
   try:
-    preds = predictor([r[tf] for r in rows], [r[pf] for r in rows] if pf else None, progress=bar)
+    if npy:
+      embeddings = predictor.embed([r[tf] for r in rows], progress=bar)
+    else:
+      preds = predictor([r[tf] for r in rows], [r[pf] for r in rows] if pf else None, progress=bar)
   finally:
     if bar is not None:
       bar.close()
-  write_rows(output_path, rows, preds)
+  if npy:
+    with output_file(output_path, binary=True) as f:
+      np.save(f, embeddings)
+  else:
+    write_rows(output_path, rows, preds)
   return len(rows)
 
 
-def _progress_bar(total: int):
-  return tqdm(total=total, unit="row", desc="predict", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+def progress_bar(total: int, desc: str = "predict"):
+  return tqdm(total=total, unit="row", desc=desc, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)

@@ -12,9 +12,13 @@ concurrent requests share batches.
   POST /predict  {"texts": [...], "text_pairs": [...]}  (or "text" / "text_pair"; QA: "question" + "context")
                  -> {"predictions": [{"label": ..., "probabilities": {...}} | {"score": ...} |
                                      {"entities": [...]} | {"answer": {...}}, ...]}
+  POST /embed    {"texts": [...]}  (or "text"; a sentence_embedding model)
+                 -> {"embeddings": [[float, ...], ...], "dim": D}   (the checkpoint's pooling and normalisation)
+A model answers on one of the two: /predict on an embedding model, or /embed on any other, is a 400 naming the
+right route.
 
-Access: with API keys (`--api_keys_file`, one key a line, or $BERTJAX_API_KEYS, comma-separated) /predict and
-/metrics need `Authorization: Bearer <key>` (compared in constant time; 401 otherwise); health routes stay open.
+Access: with API keys (`--api_keys_file`, one key a line, or $BERTJAX_API_KEYS, comma-separated) /predict, /embed
+and /metrics need `Authorization: Bearer <key>` (compared in constant time; 401 otherwise); health routes stay open.
 A bad request gets a 4xx and `{"error": "<one line>"}`; the server keeps serving. Request texts are never logged
 unless `--log_requests=redacted` (one line a request, e-mail addresses, URLs and numbers masked, cut to 80
 characters). SIGTERM: stop accepting connections, finish the requests in flight (at most `--drain_seconds`), exit 0.
@@ -52,8 +56,10 @@ from starlette.routing import Route
 
 from bertjax.deploy.cli import Parser, prog, run_cli
 from bertjax.deploy.loading import load
+from bertjax.deploy.predictor import EMBEDDING_HEAD
 from bertjax.errors import UserError
 
+MODEL_ROUTES = ("/predict", "/embed")
 SETTINGS_ENV = "BERTJAX_SERVE_SETTINGS"  # how a worker process gets the settings of `python -m bertjax.serve`
 API_KEYS_ENV = "BERTJAX_API_KEYS"
 log = logging.getLogger("bertjax.serve")
@@ -144,7 +150,7 @@ class Batcher:
 
 
 def parse_request(body: bytes, head: str, max_texts: int, max_chars: int) -> tuple[list[str], list[str] | None]:
-  """(texts, pairs) of a /predict body; BadRequest(400 / 413) with a one-line reason otherwise."""
+  """(texts, pairs) of a /predict or /embed body; BadRequest(400 / 413) with a one-line reason otherwise."""
   try:
     req = json.loads(body)
   except (ValueError, UnicodeDecodeError) as e:
@@ -159,6 +165,8 @@ def parse_request(body: bytes, head: str, max_texts: int, max_chars: int) -> tup
     raise BadRequest(400, f"missing {keys[0][0]!r} (a list of strings) or {keys[0][1]!r} (a string)")
   if qa and pairs is None:
     raise BadRequest(400, "question answering needs 'contexts' / 'context' (or 'text_pairs') next to the questions")
+  if head == EMBEDDING_HEAD and pairs is not None:
+    raise BadRequest(400, "sentence embeddings take single texts; drop 'text_pairs' / 'text_pair'")
   if pairs is not None and len(pairs) != len(texts):
     raise BadRequest(400, f"{len(texts)} texts but {len(pairs)} text pairs")
   if not texts:
@@ -279,7 +287,8 @@ class Service:
     self.settings, self.predictor, self.batcher = settings, None, None
     self.keys, self.prom = KeyCheck(settings.api_keys), Metrics()
     self.failed: str | None = None
-    self.received = self.answered = 0  # /predict requests taken in and answered (any status), for the drain report
+    # requests taken in and answered (any status) by route, for the drain report
+    self.received, self.answered = dict.fromkeys(MODEL_ROUTES, 0), dict.fromkeys(MODEL_ROUTES, 0)
     if predictor is not None:
       self._start(predictor, 0.0)
 
@@ -309,7 +318,8 @@ class Service:
     if self.batcher is not None:
       self.batcher.close()
     self.prom.ready.set(0)
-    log.info("stopped: %d /predict requests received, %d answered", self.received, self.answered)
+    log.info("stopped: %s", "; ".join(f"{self.received[r]} {r} requests received, {self.answered[r]} answered"
+                                      for r in MODEL_ROUTES))
 
   # -- routes ------------------------------------------------------------------------------------------------------
   async def live(self, request: Request) -> Response:
@@ -333,18 +343,28 @@ class Service:
     return Response(self.prom.render(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
   async def predict(self, request: Request) -> Response:
-    self.received += 1
-    try:
-      return await self._predict(request)
-    finally:
-      self.answered += 1
+    return await self._model_route("/predict", request)
 
-  async def _predict(self, request: Request) -> Response:
+  async def embed(self, request: Request) -> Response:
+    return await self._model_route("/embed", request)
+
+  async def _model_route(self, route: str, request: Request) -> Response:
+    self.received[route] += 1
+    try:
+      return await self._run_model(route, request)
+    finally:
+      self.answered[route] += 1
+
+  async def _run_model(self, route: str, request: Request) -> Response:
     if not self.keys.allows(request.headers.get("authorization")):
       return self._unauthorized()
     if self.predictor is None:
       return self._error(503, "the model is still loading; retry when GET /health/ready answers 200")
     s = self.settings
+    head = self.predictor.head
+    if (head == EMBEDDING_HEAD) != (route == "/embed"):
+      right = "/embed" if head == EMBEDDING_HEAD else "/predict"
+      return self._error(400, f"POST {route} does not serve this model (head {head}); use POST {right}")
     try:
       try:
         size = int(request.headers.get("content-length", ""))
@@ -352,7 +372,7 @@ class Service:
         raise BadRequest(411, "a Content-Length header is required") from None
       if size > s.max_request_bytes:
         raise BadRequest(413, f"request body of {size} bytes; the limit is {s.max_request_bytes}")
-      texts, pairs = parse_request(await request.body(), self.predictor.head, s.max_texts, s.max_chars)
+      texts, pairs = parse_request(await request.body(), head, s.max_texts, s.max_chars)
       self.prom.queue.inc()
       try:
         preds = await asyncio.wrap_future(self.batcher.submit(texts, pairs))
@@ -364,12 +384,17 @@ class Service:
       log.exception("prediction failed")
       return self._error(500, f"prediction failed: {type(e).__name__}: {e}")
     if s.log_requests == "redacted":
-      log.info("POST /predict 200: %d texts: %s", len(texts), " | ".join(redact(t) for t in texts[:3]))
-    return Response(json.dumps({"predictions": preds}, ensure_ascii=False).encode(), media_type="application/json")
+      log.info("POST %s 200: %d texts: %s", route, len(texts), " | ".join(redact(t) for t in texts[:3]))
+    if route == "/embed":
+      vectors = [p["embedding"] for p in preds]
+      payload: dict[str, Any] = {"embeddings": vectors, "dim": len(vectors[0])}
+    else:
+      payload = {"predictions": preds}
+    return Response(json.dumps(payload, ensure_ascii=False).encode(), media_type="application/json")
 
   async def not_found(self, request: Request, exc: Any) -> Response:
-    return self._error(getattr(exc, "status_code", 404), f"no route {request.method} {request.url.path}; use POST /predict, GET /health/ready, "
-                       "/health/live or /metrics")
+    return self._error(getattr(exc, "status_code", 404), f"no route {request.method} {request.url.path}; use POST "
+                       "/predict (or /embed), GET /health/ready, /health/live or /metrics")
 
   # -- helpers -----------------------------------------------------------------------------------------------------
   @staticmethod
@@ -385,9 +410,9 @@ class Service:
     return r
 
   def app(self, load_in_background: bool) -> Starlette:
-    routes = ["/health/live", "/health/ready", "/health", "/metrics", "/predict"]
-    handlers = [self.live, self.ready, self.health, self.metrics, self.predict]
-    methods = [["GET"], ["GET"], ["GET"], ["GET"], ["POST"]]
+    routes = ["/health/live", "/health/ready", "/health", "/metrics", "/predict", "/embed"]
+    handlers = [self.live, self.ready, self.health, self.metrics, self.predict, self.embed]
+    methods = [["GET"], ["GET"], ["GET"], ["GET"], ["POST"], ["POST"]]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -519,7 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(a.model, a.max_batch_size, a.max_wait_ms, a.max_request_bytes, a.max_texts, a.max_chars,
                         a.warmup, read_api_keys(a.api_keys_file), a.log_requests)
     if not settings.api_keys:
-      log.warning("no API keys (--api_keys_file, $%s): /predict and /metrics are open to every client", API_KEYS_ENV)
+      log.warning("no API keys (--api_keys_file, $%s): /predict, /embed and /metrics are open to every client",
+                  API_KEYS_ENV)
     if a.workers == 1:
       try:
         server = BackgroundServer(Service(settings).app(load_in_background=True), a.host, a.port, a.drain_seconds)
