@@ -387,5 +387,5 @@ def _to_sentence_transformers(step_dir: str, tmp: str, params: dict, meta: dict,
     return {}
   diffs = parity.verify_sentence_transformers(tmp, cfg, params, pooling, normalize, max_len, atol)
   log(f"parity vs sentence-transformers on {len(parity.ST_TEXTS)} texts: max abs diff {diffs['max_abs_diff']:.2e} "
-      f"<= atol {atol:g}, min cosine {diffs['min_cosine']:.7f} >= {parity.MIN_COSINE}")
+      f"<= atol {atol:g}, min cosine {diffs['min_cosine']:.8f} >= {parity.MIN_COSINE}")
   return diffs
