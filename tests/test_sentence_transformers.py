@@ -19,6 +19,7 @@ from bertjax.artifacts.mapping import flatten, unflatten
 from bertjax.artifacts.weights import fresh_value
 from bertjax.convert import __main__ as cli
 from bertjax.convert import commands, hf, verify
+from bertjax.errors import UserError
 from bertjax.models.bert import BertConfig
 
 pytest.importorskip("sentence_transformers", reason="needs sentence-transformers (pip install 'bertjax[test]')")
@@ -232,7 +233,7 @@ def _st_folder(folder, modules: list[str], pooling: dict) -> str:
   return str(folder)
 
 
-def test_unsupported_folders_and_formats_are_one_line_errors(tmp_path, capsys):
+def test_unsupported_folders_and_formats_are_one_line_errors(tmp_path, capsys, monkeypatch):
   max_pool = _st_folder(tmp_path / "max", ["Transformer", "Pooling"],
                         {"pooling_mode_max_tokens": True, "pooling_mode_mean_tokens": False})
   dense = _st_folder(tmp_path / "dense", ["Transformer", "Pooling", "Dense", "Normalize"],
@@ -261,3 +262,10 @@ def test_unsupported_folders_and_formats_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, (args, err)
     assert not (tmp_path / "out").exists()
+  # the export needs the run's tokenizer, and --verify needs sentence-transformers
+  with pytest.raises(UserError, match="a sentence-transformers folder needs one: put the run's tokenizer/"):
+    commands.to_hf(str(embedding), str(tmp_path / "out"), verify=False, log=_quiet)
+  monkeypatch.setattr(verify, "st_available", lambda: False)
+  with pytest.raises(UserError, match="--verify of a sentence embedding export needs sentence-transformers"):
+    commands.to_hf(str(embedding), str(tmp_path / "out"), verify=True, log=_quiet)
+  assert not (tmp_path / "out").exists()
