@@ -22,7 +22,7 @@ HEAD_OUTPUTS = {
     "question_answering": ("start_logits", "end_logits"),
 }
 # Texts of varying length for the sentence-transformers check: one word, casing, accents, digits and punctuation,
-# and one past any max_seq_length (both sides cut it at the exported limit).
+# and one of about 1,000 tokens, past any BERT's max_seq_length (both sides cut it at the exported limit).
 ST_TEXTS = (
     "Hi.",
     "The quick brown fox jumps over the lazy dog.",
