@@ -113,7 +113,8 @@ def test_bfloat16_compute_tolerance(minilm):
 
 def test_minilm_round_trip_is_bit_exact(minilm, tmp_path):
   work, out = tmp_path / "work", tmp_path / "hf"
-  commands.from_hf(minilm["folder"], str(work), log=lambda _: None)
+  # MiniLM is a sentence-transformers folder (--head=auto: sentence_embedding); here its encoder under BERT's heads
+  commands.from_hf(minilm["folder"], str(work), head="pretraining", log=lambda _: None)
   diffs = commands.to_hf(str(work), str(out), verify=True, log=lambda _: None)
   assert set(diffs) == {"last_hidden_state", "pooler_output", "prediction_logits", "seq_relationship_logits"}
   src, got = _st(os.path.join(minilm["folder"], "model.safetensors")), _st(str(out / "model.safetensors"))

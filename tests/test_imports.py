@@ -12,8 +12,8 @@ from conftest import REPO
 PKG = REPO / "bertjax"
 DOC = REPO / "docs" / "architecture.md"
 # Imports allowed inside a function: optional heavy dependencies only (each with a comment saying why).
-OPTIONAL = ("torch", "transformers", "peft", "matplotlib", "wandb", "gcsfs", "libtpu", "jax.experimental.pallas",
-            "jax.experimental.topologies", "jax._src.lib", "nvidia")
+OPTIONAL = ("torch", "transformers", "sentence_transformers", "peft", "matplotlib", "wandb", "gcsfs", "libtpu",
+            "jax.experimental.pallas", "jax.experimental.topologies", "jax._src.lib", "nvidia")
 
 
 def _module(path: Path) -> str:

@@ -21,9 +21,9 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                   "mask_token": "[MASK]"}
-# + a sentence-transformers repo's module files (pooling, normalisation, max length), read by the embedding task
+# + the files that say a folder is a sentence-transformers model (its pooling and normalisation)
 _HUB_CONFIG = ["config.json", "vocab.txt", "tokenizer*.json", "special_tokens_map.json", "modules.json",
-               "sentence_bert_config.json", "*_Pooling/config.json"]
+               "sentence_bert_config.json", "config_sentence_transformers.json", "*_Pooling/config.json"]
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 # transformers hidden_act -> bertjax hidden_act (gelu_pytorch_tanh is the same tanh formula as gelu_new).
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}

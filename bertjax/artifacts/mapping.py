@@ -22,6 +22,7 @@ HF_ARCHITECTURE = {
     "sequence_classification": "BertForSequenceClassification",
     "token_classification": "BertForTokenClassification",
     "question_answering": "BertForQuestionAnswering",
+    "sentence_embedding": "BertModel",  # the encoder; the pooling lives in the sentence-transformers files
 }
 AUTO_CLASS = {
     "pretraining": "AutoModelForPreTraining",
@@ -29,6 +30,7 @@ AUTO_CLASS = {
     "sequence_classification": "AutoModelForSequenceClassification",
     "token_classification": "AutoModelForTokenClassification",
     "question_answering": "AutoModelForQuestionAnswering",
+    "sentence_embedding": "AutoModel",
 }
 # transformers class in config.json `architectures` -> the bertjax head `--head=auto` picks.
 ARCHITECTURE_HEAD = {

@@ -15,13 +15,16 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from bertjax import paths
-from bertjax.artifacts import checkpoint, factory, hf_io, load, weights
+from bertjax.artifacts import checkpoint, factory, hf_io, load, st_format, weights, workdir
 from bertjax.artifacts.mapping import HF_ARCHITECTURE, to_hf_state
 from bertjax.convert import peft_hf, verify as parity
 from bertjax.errors import UserError
 from bertjax.models.bert import BertConfig
+from bertjax.models.heads import POOLING
 
 HEAD_CHOICES = ("auto", *HF_ARCHITECTURE)
+EMBEDDING = "sentence_embedding"
+FORMATS = ("transformers", "sentence-transformers")
 NOT_HF_FIELDS = ("dtype", "heads_per_layer", *factory.COMPUTE_FIELDS)  # not transformers' architecture
 Log = Callable[[str], None]
 
@@ -91,11 +94,21 @@ def from_hf(src: str, out: str, head: str = "auto", num_labels: int | None = Non
   with atomic_dir(out, overwrite) as tmp:
     folder = hf_io.resolve_source(src)
     _refuse_inside(out, folder, "source")
+    try:
+      st = st_format.read_pooling(folder) if head in ("auto", EMBEDDING) else None
+    except UserError as e:
+      if head != "auto":
+        raise
+      raise UserError(f"{e}; to import the encoder alone pass another --head (e.g. pretraining)") from None
+    folder = st["transformer_dir"] if st else folder
     hf_cfg = hf_io.read_hf_config(folder)
     state, weights_file = hf_io.read_weights(folder)
     cfg = hf_io.bert_config(hf_cfg, os.path.join(folder, hf_io.CONFIG_FILE))
     log(f"read {len(state)} tensors from {os.path.join(folder, weights_file)}")
-    if head == "auto":
+    if head == "auto" and st:
+      head = EMBEDDING
+      log(f"head: {head} (auto, from {st_format.MODULES_FILE})")
+    elif head == "auto":
       head = weights.detect_head(hf_cfg, state)
       why = f"architectures {hf_cfg['architectures']}" if hf_cfg.get("architectures") else "the keys present"
       log(f"head: {head} (auto, from {why})")
@@ -110,6 +123,8 @@ def from_hf(src: str, out: str, head: str = "auto", num_labels: int | None = Non
     extra: dict[str, Any] = {"num_labels": n, "source": src, "fresh": report.fresh}
     if names:
       extra["label_names"] = names
+    if head == EMBEDDING:
+      extra.update(_embedding_meta(st, folder, log))
     tok_dir = os.path.join(tmp, "tokenizer")
     if hf_io.has_tokenizer(folder):
       info = hf_io.export_tokenizer(folder, tok_dir, cfg.max_position_embeddings)
@@ -123,6 +138,18 @@ def from_hf(src: str, out: str, head: str = "auto", num_labels: int | None = Non
   step_dir = os.path.join(os.path.abspath(out), checkpoint.CHECKPOINT_SUBDIR, "0")
   log(f"wrote {step_dir}")
   return step_dir
+
+
+def _embedding_meta(st: dict | None, folder: str, log: Log) -> dict[str, Any]:
+  """Pooling, normalisation and max_seq_length of a sentence-transformers folder; mean pooling without
+  normalisation for a plain transformers folder."""
+  if st is None:
+    log(f"pooling: mean, not normalized (no {st_format.MODULES_FILE} in {folder})")
+    return {"pooling": "mean", "normalize": False}
+  log(f"pooling: {st['pooling']}, {'normalized' if st['normalize'] else 'not normalized'}, max_seq_length "
+      f"{st['max_seq_length']} (sentence-transformers modules)")
+  meta = {"pooling": st["pooling"], "normalize": st["normalize"]}
+  return {**meta, "max_seq_length": st["max_seq_length"]} if st["max_seq_length"] else meta
 
 
 def from_hf_peft(adapter_dir: str, base: str, out: str, overwrite: bool = False, log: Log = print) -> str:
@@ -166,7 +193,8 @@ def hf_config(cfg: BertConfig, head: str, num_labels: int | None, label_names: l
   return out
 
 
-def _export_tokenizer(step_dir: str, out: str, cfg: BertConfig, log: Log) -> None:
+def _export_tokenizer(step_dir: str, out: str, cfg: BertConfig, log: Log) -> dict | None:
+  """The run's tokenizer files into `out`; their `export_tokenizer` info, None (and a warning) without any."""
   tok_src = _workdir_tokenizer(step_dir)
   info = None
   if paths.isdir(tok_src):
@@ -179,6 +207,7 @@ def _export_tokenizer(step_dir: str, out: str, cfg: BertConfig, log: Log) -> Non
     _check_vocab(info, cfg, log)
   else:
     log(f"WARNING: no tokenizer in {tok_src}; the folder has no tokenizer files")
+  return info
 
 
 def _to_hf_peft(step_dir: str, tmp: str, verify: bool | None, atol: float, log: Log) -> dict[str, float]:
@@ -198,18 +227,29 @@ def _to_hf_peft(step_dir: str, tmp: str, verify: bool | None, atol: float, log: 
 
 
 def to_hf(checkpoint_path: str, out: str, verify: bool | None = None, atol: float = 1e-4,
-          overwrite: bool = False, log: Log = print, peft: bool = False) -> dict[str, float]:
+          overwrite: bool = False, log: Log = print, peft: bool = False, fmt: str | None = None) -> dict[str, float]:
   """bertjax checkpoint -> HF folder (config.json, model.safetensors, tokenizer). Returns the parity diffs.
 
-  verify: None = check parity when torch + transformers import, True = require it, False = skip.
+  verify: None = check parity when torch + transformers (+ sentence-transformers) import, True = require it,
+  False = skip.
   peft: a LoRA checkpoint as an HF peft adapter folder instead (without it LoRA is exported merged).
+  fmt: "transformers" or "sentence-transformers"; None = the checkpoint's own, sentence-transformers for a
+  sentence_embedding checkpoint (a transformers folder alone has no place for its pooling), else transformers.
   """
+  if fmt not in (None, *FORMATS):
+    raise UserError(f"--format={fmt} is unknown; choose one of {', '.join(FORMATS)}")
+  if peft and fmt == "sentence-transformers":
+    raise UserError("--peft writes an HF peft adapter folder, which has no sentence-transformers layout; drop --peft "
+                    "to export the merged model")
   if verify and not parity.torch_available():
     raise UserError("--verify needs torch and transformers; pip install 'bertjax[hf]' or pass --no-verify")
   with atomic_dir(out, overwrite) as tmp:
     step_dir = checkpoint.resolve_step_dir(checkpoint_path)
     _refuse_inside(out, step_dir, "checkpoint")
-    diffs = (_to_hf_peft if peft else _to_hf_full)(step_dir, tmp, verify, atol, log)
+    if peft:
+      diffs = _to_hf_peft(step_dir, tmp, verify, atol, log)
+    else:
+      diffs = _to_hf_full(step_dir, tmp, verify, atol, log, fmt)
   log(f"wrote {os.path.abspath(out)}")
   return diffs
 
@@ -239,8 +279,23 @@ def full_shape(params: dict, cfg: BertConfig, kept_heads: list | None) -> tuple[
   return out, dataclasses.replace(cfg, heads_per_layer=None)
 
 
-def _to_hf_full(step_dir: str, tmp: str, verify: bool | None, atol: float, log: Log) -> dict[str, float]:
-  """The whole model (LoRA merged) as a transformers folder, checked against transformers."""
+def _pick_format(fmt: str | None, head: str, step_dir: str) -> str:
+  if fmt is None:
+    return "sentence-transformers" if head == EMBEDDING else "transformers"
+  if fmt == "sentence-transformers" and head != EMBEDDING:
+    raise UserError(f"--format=sentence-transformers exports sentence embedding checkpoints (head {EMBEDDING}) but "
+                    f"{step_dir} has head {head!r}; drop --format")
+  if fmt == "transformers" and head == EMBEDDING:
+    raise UserError(f"{step_dir} is a sentence embedding model, whose pooling a transformers folder cannot hold; "
+                    "drop --format=transformers (the sentence-transformers folder loads in transformers' AutoModel "
+                    "too)")
+  return fmt
+
+
+def _to_hf_full(step_dir: str, tmp: str, verify: bool | None, atol: float, log: Log,
+                fmt: str | None = None) -> dict[str, float]:
+  """The whole model (LoRA merged) as a transformers folder, checked against transformers; a sentence embedding
+  model as a sentence-transformers folder, checked against sentence-transformers."""
   if (checkpoint.read_meta(step_dir).get("peft") or {}).get("method") == "adapter":  # before reading the base
     raise UserError(f"checkpoint {step_dir} holds Houlsby adapters, which cannot be merged into BERT's weights "
                     "and have no HF peft type; they load only in bertjax, from the workdir")
@@ -250,11 +305,14 @@ def _to_hf_full(step_dir: str, tmp: str, verify: bool | None, atol: float, log: 
     raise UserError(f"checkpoint {step_dir} has head={head!r}; to_hf exports {', '.join(HF_ARCHITECTURE)}")
   if not isinstance(meta.get("model_config"), dict):
     raise UserError(f"checkpoint {step_dir} has no model_config in its meta; it was not written by bertjax")
+  fmt = _pick_format(fmt, head, step_dir)
   cfg = factory.config_from_meta(meta, dtype="float32")
   full_params, full_cfg = full_shape(params, cfg, (meta.get("pruning") or {}).get("kept_heads"))
   if full_cfg is not cfg:
     log(f"pruned model ({list(cfg.heads_per_layer)} heads per layer): exported at full shape with the removed "
         "heads' weights zeroed (transformers 5 has no pruned_heads)")
+  if fmt == "sentence-transformers":
+    return _to_sentence_transformers(step_dir, tmp, params, meta, cfg, full_params, full_cfg, verify, atol, log)
   num_labels = None
   if head in factory.CLASSIFIER_HEADS:
     num_labels = int(np.shape(params["classifier"]["kernel"])[1])
@@ -275,4 +333,59 @@ def _to_hf_full(step_dir: str, tmp: str, verify: bool | None, atol: float, log: 
     diffs = parity.verify_folder(tmp, cfg, head, params, num_labels, atol)
     log("parity vs transformers (max abs diff): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
         + f" <= atol {atol:g}")
+  return diffs
+
+
+def _embedding_settings(meta: dict, step_dir: str, cfg: BertConfig, log: Log) -> tuple[str, bool, int]:
+  """(pooling, normalize, max_seq_length) of a sentence embedding checkpoint: pooling and normalisation from its
+  meta, max_seq_length from its run's data.max_seq_length, else the meta's (an import), else the position table."""
+  pooling, normalize = meta.get("pooling"), bool(meta.get("normalize", False))
+  if pooling is None:
+    pooling = "mean"
+    log(f"WARNING: checkpoint {step_dir} does not say its pooling (meta.pooling); exporting mean pooling")
+  if pooling not in POOLING:
+    raise UserError(f"checkpoint {step_dir} has pooling={pooling!r}; the sentence-transformers export supports "
+                    f"{', '.join(POOLING)}")
+  said = workdir.training_config(workdir.workdir_of(step_dir)).get("max_seq_length") or meta.get("max_seq_length")
+  return pooling, normalize, min(int(said or cfg.max_position_embeddings), cfg.max_position_embeddings)
+
+
+def bert_model_state(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
+  """transformers `BertModel` keys (no `bert.` prefix) of an encoder without a pooler, plus a zero pooler:
+  transformers' BertModel always builds one and would report it missing (initialised at random) on every load.
+  Sentence embeddings never use it (tanh(0) = 0 as pooler_output)."""
+  state = {k.removeprefix("bert."): v for k, v in to_hf_state(params).items()}
+  h = cfg.hidden_size
+  state.setdefault("pooler.dense.weight", np.zeros((h, h), np.float32))
+  state.setdefault("pooler.dense.bias", np.zeros(h, np.float32))
+  return state
+
+
+def _to_sentence_transformers(step_dir: str, tmp: str, params: dict, meta: dict, cfg: BertConfig, full_params: dict,
+                              full_cfg: BertConfig, verify: bool | None, atol: float, log: Log) -> dict[str, float]:
+  """A sentence embedding model as a sentence-transformers folder: the encoder as a transformers BertModel folder
+  at the top, then the Pooling (and Normalize) modules; checked by encoding texts with sentence-transformers."""
+  if verify and not parity.st_available():
+    raise UserError("--verify of a sentence embedding export needs sentence-transformers; pip install "
+                    "'bertjax[hf]' or pass --no-verify")
+  pooling, normalize, max_len = _embedding_settings(meta, step_dir, cfg, log)
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(hf_config(full_cfg, EMBEDDING, None, None), f, indent=2)
+  state = bert_model_state(full_params, full_cfg)
+  save_file({k: np.asarray(v, np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
+            metadata={"format": "pt"})
+  log(f"wrote {len(state)} tensors as BertModel from {step_dir} (the pooler is zero: sentence embeddings do not "
+      "use it)")
+  if _export_tokenizer(step_dir, tmp, cfg, log) is None:
+    raise UserError(f"no tokenizer beside {step_dir}; a sentence-transformers folder needs one: put the run's "
+                    "tokenizer/ folder back")
+  st_format.write_modules(tmp, cfg.hidden_size, pooling, normalize, max_len)
+  log(f"sentence-transformers: Transformer (max_seq_length {max_len}) -> Pooling ({pooling})"
+      + (" -> Normalize" if normalize else ""))
+  if verify is False or (verify is None and not parity.st_available()):
+    log("parity check skipped" + ("" if verify is False else " (torch/sentence-transformers not installed)"))
+    return {}
+  diffs = parity.verify_sentence_transformers(tmp, cfg, params, pooling, normalize, max_len, atol)
+  log(f"parity vs sentence-transformers on {len(parity.ST_TEXTS)} texts: max abs diff {diffs['max_abs_diff']:.2e} "
+      f"<= atol {atol:g}, min cosine {diffs['min_cosine']:.8f} >= {parity.MIN_COSINE}")
   return diffs

@@ -1,4 +1,5 @@
-"""Numeric parity of a bertjax model and the transformers (PyTorch) model loaded from an exported folder."""
+"""Numeric parity of a bertjax model and the transformers (PyTorch) model loaded from an exported folder, or of a
+sentence embedding model and sentence-transformers loading its exported folder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from bertjax.artifacts.factory import build_model
 from bertjax.artifacts.mapping import AUTO_CLASS
+from bertjax.data import tokenizer as toklib
 from bertjax.models.bert import BertConfig
 
 # Output names per head, in the order the bertjax head returns them (transformers' attribute names).
@@ -19,6 +21,20 @@ HEAD_OUTPUTS = {
     "token_classification": ("logits",),
     "question_answering": ("start_logits", "end_logits"),
 }
+# Texts of varying length for the sentence-transformers check: one word, casing, accents, digits and punctuation,
+# and one of about 1,000 tokens, past any BERT's max_seq_length (both sides cut it at the exported limit).
+ST_TEXTS = (
+    "Hi.",
+    "The quick brown fox jumps over the lazy dog.",
+    "A fast auburn fox leapt over a sleepy hound.",
+    "Héllo Wörld! CAPITALS, numbers like 3.14159 and 2,048, and punctuation?!",
+    "Central banks raised interest rates again this quarter.",
+    "Sentence embeddings map each text to one vector, so that texts which mean similar things end up close "
+    "together and a search becomes a nearest-neighbour lookup over the vectors of a collection.",
+    "北京 is a city; naïve café résumé.",
+    " ".join(["A long text is cut at max_seq_length tokens by both tokenizers, in the same place."] * 40),
+)
+MIN_COSINE = 0.9999
 
 
 class ParityError(Exception):
@@ -32,6 +48,15 @@ def torch_available() -> bool:
   except ImportError:
     return False
   return True
+
+
+def st_available() -> bool:
+  """torch, transformers and sentence-transformers all import."""
+  try:
+    import sentence_transformers  # noqa: F401 - optional [hf] extra, imported only where used
+  except ImportError:
+    return False
+  return torch_available()
 
 
 def fixed_batch(cfg: BertConfig, rows: int = 4, seq_len: int = 32) -> dict[str, np.ndarray]:
@@ -128,3 +153,45 @@ def verify_folder(folder: str, cfg: BertConfig, head: str, params: Mapping[str, 
     raise ParityError("transformers output differs from bertjax beyond --atol="
                       f"{atol:g}: " + ", ".join(f"{k} {v:.3g}" for k, v in bad.items()))
   return diffs
+
+
+def bertjax_embeddings(model: Any, folder: str, texts: tuple[str, ...], max_seq_length: int, pad_id: int,
+                       pooling: str, normalize: bool) -> np.ndarray:
+  """`texts` through the tokenizer in `folder` (cut at `max_seq_length` tokens, padded to the longest) and the
+  sentence embedding `model`, eagerly -> float32 [len(texts), D]."""
+  tok = toklib.load(folder)
+  tok.enable_truncation(max_seq_length)
+  enc = tok.encode_batch(list(texts))
+  width = max(len(e.ids) for e in enc)
+  ids = np.full((len(enc), width), pad_id, np.int32)
+  mask = np.zeros((len(enc), width), np.int32)
+  for i, e in enumerate(enc):
+    ids[i, :len(e.ids)], mask[i, :len(e.ids)] = e.ids, 1
+  return np.asarray(model(ids, np.zeros_like(ids), mask, pooling=pooling, normalize=normalize), np.float32)
+
+
+def verify_sentence_transformers(folder: str, cfg: BertConfig, params: Mapping[str, Any], pooling: str,
+                                 normalize: bool, max_seq_length: int, atol: float) -> dict[str, float]:
+  """Encode `ST_TEXTS` with bertjax (float32) and with `SentenceTransformer(folder)` -> {"max_abs_diff",
+  "min_cosine"}; raises ParityError when a diff is over `atol`, a cosine under `MIN_COSINE`, transformers reports
+  missing / unexpected keys, or sentence-transformers reads another module chain or max_seq_length."""
+  load_hf_model(folder, "sentence_embedding")  # the encoder alone loads with no key missing or unexpected
+  from sentence_transformers import SentenceTransformer  # optional [hf] extra, imported only where used
+  st = SentenceTransformer(folder, device="cpu", local_files_only=True)
+  chain = [type(m).__name__ for m in st]
+  want = ["Transformer", "Pooling", *(["Normalize"] if normalize else [])]
+  if chain != want or st.max_seq_length != max_seq_length:
+    raise ParityError(f"sentence-transformers reads {folder} as {' -> '.join(chain)} with max_seq_length "
+                      f"{st.max_seq_length}, not {' -> '.join(want)} with {max_seq_length}")
+  theirs = np.asarray(st.encode(list(ST_TEXTS), batch_size=len(ST_TEXTS), show_progress_bar=False,
+                                convert_to_numpy=True), np.float64)
+  model = build_model(dataclasses.replace(cfg, dtype="float32"), "sentence_embedding", params=params)
+  ours = bertjax_embeddings(model, folder, ST_TEXTS, max_seq_length, cfg.pad_token_id, pooling, normalize)
+  cosine = np.sum(ours * theirs, -1) / np.maximum(np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1),
+                                                  1e-30)
+  out = {"max_abs_diff": float(np.max(np.abs(ours - theirs))), "min_cosine": float(np.min(cosine))}
+  if not (out["max_abs_diff"] <= atol and out["min_cosine"] >= MIN_COSINE):
+    raise ParityError(f"sentence-transformers embeddings differ from bertjax: max abs diff "
+                      f"{out['max_abs_diff']:.3g} (--atol={atol:g}), min cosine {out['min_cosine']:.6f} "
+                      f"(needs >= {MIN_COSINE})")
+  return out
