@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--train_examples", type=int, default=0, help="keep the first N training pairs (0 = all)")
   ap.add_argument("--sides", default="bertjax,sentence-transformers")
   ap.add_argument("--out", default="", help="write the results as JSON here")
+  ap.add_argument("--torch_threads", type=int, default=0, help="torch intra-op threads (0 = every core)")
   ap.add_argument("--verbose", action="store_true", help="every library's log lines, not only bertjax's")
   return ap.parse_args(argv)
 
@@ -129,7 +130,7 @@ def main(argv=None) -> dict:
   a = parse_args(argv)
   begin(a)
   import torch
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(a.torch_threads or os.cpu_count() or 1)
   train, dev = read(a, "train"), read(a, "dev")
   sides = a.sides.split(",")
   out: dict = {"args": vars(a), "runs": {s: [] for s in sides}}
