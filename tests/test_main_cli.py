@@ -94,7 +94,7 @@ def test_a_two_step_run_logs_under_30_lines(tmp_path, small_corpus, cache_dir):
   """No libtpu / orbax / datasets internals and no parameter table at INFO; the progress line and summary stay."""
   args = ["--config=mlm", f"--workdir={tmp_path / 'wd'}", f"--config.data.corpus={small_corpus}",
           f"--config.data.cache_dir={cache_dir}", "--config.data.vocab_size=2000", "--config.data.max_seq_length=64",
-          "--config.data.max_predictions_per_seq=10", "--config.model.preset=tiny",
+          "--config.data.max_predictions_per_seq=10", "--config.data.short_seq_length=0", "--config.model.preset=tiny",
           "--config.model.max_position_embeddings=64", "--config.training.num_train_steps=2",
           "--config.training.async_checkpointing=False", "--config.compilation_cache=off"]
   r = _run(tmp_path, *args, env={"XLA_FLAGS": ""})
