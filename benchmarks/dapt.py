@@ -121,7 +121,8 @@ def main(argv=None) -> None:
   walls["dapt"] = run([*mlm, f"--workdir={dapt_dir}", f"--config.init_from_hf={a.model}",
                        f"--config.training.num_train_steps={n}", f"--config.training.global_batch_size={a.dapt_batch}",
                        f"--config.optimizer.learning_rate={a.dapt_lr}", f"--config.training.eval_every_steps={n}",
-                       f"--config.training.checkpoint_every_steps={n}", f"--config.training.log_every_steps={max(1, n // 10)}"],
+                       f"--config.training.checkpoint_every_steps={n}",
+                       f"--config.training.log_every_steps={max(1, n // 10)}"],
                       os.path.join(out, "dapt.log"), record)
   with open(os.path.join(before_dir, "eval_only_0", "eval_metrics.json")) as f:
     before = json.load(f)

@@ -15,13 +15,14 @@ from bertjax.data import tokenizer as toklib
 from bertjax.errors import UserError
 from bertjax.train import checkpoint
 from bertjax.train.trainer import Trainer, train_and_evaluate
+from test_classify_data import ROWS, write
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs import classify, dapt  # noqa: E402
 
 
 def dapt_config(corpus, cache_dir, **init):
-  sys.path.insert(0, str(REPO))
-  from configs import dapt
   c = dapt.get_config()
   c.update(init)
   c.data.update(corpus=corpus, cache_dir=cache_dir, max_seq_length=64, max_predictions_per_seq=10, num_proc=1)
@@ -84,7 +85,8 @@ def test_dapt_from_an_hf_folder_keeps_vocabulary_and_encoder(hf_folder, domain_r
   # the finished domain run wrote the same vocabulary, and its encoder moved
   assert toklib.load(os.path.join(domain_run, "tokenizer")).get_vocab() == toklib.load(folder).get_vocab()
   trained = flat(checkpoint.load_params(domain_run)[0])
-  assert not np.array_equal(trained["bert/embeddings/word_embeddings/embedding"], sd["embeddings.word_embeddings.weight"])
+  assert not np.array_equal(trained["bert/embeddings/word_embeddings/embedding"],
+                            sd["embeddings.word_embeddings.weight"])
 
 
 def test_continue_a_domain_run_and_finetune_from_it(domain_run, small_corpus, cache_dir, tmp_path, monkeypatch):
@@ -98,8 +100,6 @@ def test_continue_a_domain_run_and_finetune_from_it(domain_run, small_corpus, ca
   for k in domain:
     np.testing.assert_array_equal(start[k], domain[k], err_msg=k)
 
-  from configs import classify
-  from test_classify_data import ROWS, write
   f = classify.get_config()
   f.init_from_hf, f.init_checkpoint = "", domain_run
   f.data.update(train_file=write(tmp_path / "t.jsonl", ROWS * 2), cache_dir=cache_dir, max_seq_length=16)
@@ -131,3 +131,8 @@ def test_dapt_refuses_another_vocabulary_and_never_trains_one(domain_run, small_
     Trainer(dapt_config(small_corpus, cache_dir, init_checkpoint=str(bare)), str(tmp_path / "b")).setup()
   with pytest.raises(UserError, match="vocab_size=0"):
     Trainer(dapt_config(small_corpus, cache_dir), str(tmp_path / "c")).setup()
+
+
+def test_dapt_needs_a_corpus(cache_dir, tmp_path):
+  with pytest.raises(UserError, match="data.corpus is empty"):
+    Trainer(dapt_config("", cache_dir, init_from_hf="unused"), str(tmp_path)).setup()

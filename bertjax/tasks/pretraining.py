@@ -37,6 +37,9 @@ class PretrainingTask(Task):
   def prepare(self) -> None:
     c, d = self.config, self.config.data
     common.check_seq_length(c)
+    if not d.corpus:
+      raise UserError("data.corpus is empty; set it to your text: a file, folder or glob of .txt/.json/.jsonl/"
+                      ".parquet, a URL or a hub dataset")
     docs = corpus.load_documents(d.corpus, self.cache_dir, d.text_column, d.sample_by)
     if len(docs) < 4:
       raise UserError(f"data.corpus {d.corpus} has {len(docs)} documents; pretraining needs at least 4 "
