@@ -10,7 +10,7 @@ a `data.tokenizer` with other token ids is refused) and no preset applies. A mis
 folder) starts fresh. The recipe is BERT's continued-pretraining one: 15% masking, learning rate 1e-4 after 6%
 warmup, dropout 0.1, full-length sequences from the first step (the pretrained attention already finds the context
 of a [MASK]). Masked LM only, as in Gururangan et al. 2020 (DAPT) and RoBERTa: segment B continues segment A, NSP is
-not in the loss (`data.nsp_loss_weight=0`; it is still measured) and the pooler is left as the checkpoint has it.
+not in the loss (`data.nsp_loss_weight=0`; it is still measured), so the pooler gets no gradient.
 docs/pretraining.md, "Domain-adaptive pretraining", explains the flow and how to read the numbers.
 """
 
