@@ -29,6 +29,7 @@ def get_config():
   d.short_seq_fraction = 0.5  # of num_train_steps spent at short_seq_length
   d.short_seq_prob = 0.1
   d.nsp_probability = 0.5
+  d.nsp_loss_weight = 1.0  # 0: MLM only (NSP still measured); configs/dapt.py
   d.mask_prob = 0.2  # more predictions per token processed than BERT's 15%: a short run is signal-starved
   d.max_predictions_per_seq = 26
   d.mask_token_frac = 0.8

@@ -59,6 +59,7 @@ def test_every_field_of_every_config_is_documented_with_its_default():
   docs, missing, wrong = documented(), [], []
   for source, fields in configs().items():
     parent = configs()["base_config()"] if source in ("configs/mlm.py", "finetune_config()") else \
+        configs()["configs/mlm.py"] if source == "configs/dapt.py" else \
         configs()["finetune_config()"] if source.startswith("configs/") else {}
     own = {k: v for k, v in fields.items() if k not in parent or parent[k] != v or k in PER_CONFIG}  # set here
     rows = docs.get(source, {})

@@ -14,9 +14,10 @@ import optax
 from bertjax.data.loader import packed_inputs
 
 
-def pretraining(model, batch, rngs, deterministic: bool, kinds: Mapping[str, int]):
+def pretraining(model, batch, rngs, deterministic: bool, kinds: Mapping[str, int], nsp_weight: float = 1.0):
   """MLM over the chosen positions and NSP per pair: [B] labels, or [B, k] for packed rows (one per slot).
-  `kinds`: {name: `masked_kinds` value} for the per-kind MLM metrics ([MASK] / random / kept positions)."""
+  `kinds`: {name: `masked_kinds` value} for the per-kind MLM metrics ([MASK] / random / kept positions).
+  `nsp_weight` scales NSP in the loss (0: MLM only; NSP is still measured)."""
   mlm_logits, nsp_logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                                  batch["masked_positions"], deterministic=deterministic, rngs=rngs,
                                  **packed_inputs(batch))
@@ -29,7 +30,7 @@ def pretraining(model, batch, rngs, deterministic: bool, kinds: Mapping[str, int
   n_mlm, n_nsp = jnp.sum(w), jnp.sum(nw)
   mlm_loss = jnp.sum(xent * w) / jnp.maximum(n_mlm, 1.0)
   nsp_loss = jnp.sum(nsp_xent * nw) / jnp.maximum(n_nsp, 1.0)
-  loss = mlm_loss + nsp_loss
+  loss = mlm_loss + nsp_weight * nsp_loss if nsp_weight else mlm_loss
   out = {"loss": (loss, 1.0), "mlm_loss": (jnp.sum(xent * w), n_mlm),
          "mlm_accuracy": (jnp.sum(correct * w), n_mlm), "nsp_loss": (jnp.sum(nsp_xent * nw), n_nsp),
          "nsp_accuracy": (jnp.sum(nsp_correct), n_nsp)}

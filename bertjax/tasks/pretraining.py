@@ -37,6 +37,9 @@ class PretrainingTask(Task):
   def prepare(self) -> None:
     c, d = self.config, self.config.data
     common.check_seq_length(c)
+    if not d.corpus:
+      raise UserError("data.corpus is empty; set it to your text: a file, folder or glob of .txt/.json/.jsonl/"
+                      ".parquet, a URL or a hub dataset")
     docs = corpus.load_documents(d.corpus, self.cache_dir, d.text_column, d.sample_by)
     if len(docs) < 4:
       raise UserError(f"data.corpus {d.corpus} has {len(docs)} documents; pretraining needs at least 4 "
@@ -72,10 +75,12 @@ class PretrainingTask(Task):
 
   def _find_or_train_tokenizer(self, train_docs) -> tuple[Any, str]:
     d = self.config.data
-    tok, source = toklib.for_run(self.workdir, lambda: d.tokenizer or factory.pretrained_tokenizer_dir(self.config),
-                                 d.lowercase)
+    tok, source = toklib.for_run(self.workdir, lambda: tokenizer_source(self.config), d.lowercase)
     if tok is not None:
       return tok, source
+    if int(d.vocab_size) <= 0:
+      raise UserError("data.vocab_size=0 trains no vocabulary but the run has no tokenizer; start from "
+                      "--config.init_from_hf or --config.init_checkpoint, or set data.tokenizer")
     key = hashlib.sha256(f"{train_docs._fingerprint}/{d.vocab_size}/{d.lowercase}".encode()).hexdigest()[:16]
     folder = os.path.join(self.cache_dir, "tokenizers", key)
     cached = os.path.join(folder, "tokenizer.json")
@@ -150,7 +155,8 @@ class PretrainingTask(Task):
     return BertForPreTraining(self.model_config, rngs)
 
   def loss_fn(self, model, batch, rngs, deterministic):
-    return losses.pretraining(model, batch, rngs, deterministic, pt.KINDS)
+    return losses.pretraining(model, batch, rngs, deterministic, pt.KINDS,
+                              float(self.config.data.get("nsp_loss_weight", 1.0)))
 
   def loss_weights(self, batch):
     return losses.pretraining_weights(batch)
@@ -158,6 +164,25 @@ class PretrainingTask(Task):
   # -- outputs --------------------------------------------------------------------------------------------
   def save_assets(self, workdir: str) -> None:
     toklib.save_to_workdir(self.tok, workdir, self.model_config.max_position_embeddings)
+
+
+def tokenizer_source(config: ConfigDict) -> str | None:
+  """Where a new run's tokenizer comes from: `data.tokenizer`, else the one of `init_checkpoint` / `init_from_hf`,
+  else None (train one). A run that starts from a checkpoint keeps its vocabulary: a checkpoint without a tokenizer
+  needs `data.tokenizer`, and a `data.tokenizer` with other token ids than the checkpoint's is refused (the
+  embeddings would be read under the wrong ids)."""
+  d = config.data
+  start = next((k for k in ("init_checkpoint", "init_from_hf") if config.get(k)), "")
+  if not start:
+    return d.tokenizer or None
+  own = factory.pretrained_tokenizer_dir(config)
+  if not (d.tokenizer or own):
+    raise UserError(f"{start}={config[start]} comes without a tokenizer, and a run from a checkpoint never trains "
+                    "its own; set data.tokenizer to the checkpoint's vocabulary (vocab.txt / tokenizer.json)")
+  if d.tokenizer and own and toklib.load(d.tokenizer, d.lowercase).get_vocab() != toklib.load(own).get_vocab():
+    raise UserError(f"data.tokenizer={d.tokenizer} has other token ids than the tokenizer of {start}={config[start]}; "
+                    "leave data.tokenizer empty to keep the checkpoint's vocabulary")
+  return d.tokenizer or own
 
 
 def mlm_baselines(batches: list[loader.Batch]) -> dict[str, float]:
