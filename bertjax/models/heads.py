@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from bertjax.models import partitioning
 from bertjax.models.bert import BertConfig, BertModel, activation, dense, layer_norm
 from bertjax.models.dropout import Dropout
 
@@ -200,6 +201,9 @@ class BertForSentenceEmbedding(nnx.Module):
       slots = jnp.arange(1, slot_tokens.shape[1] + 1, dtype=segment_ids.dtype)
       member = segment_ids[:, None, :] == slots[None, :, None]
       emb = pool_tokens(seq, member, pooling, slot_tokens)
+      # the slots of every text, replicated once: left batch-sharded, the partitioner re-gathers the indices in
+      # every fusion that reads them (dozens of small all-gathers a step on a TPU slice)
+      text_slots = partitioning.constrain(text_slots, (None,) * text_slots.ndim)
       emb = emb.reshape(-1, emb.shape[-1])[text_slots]
     if normalize:  # torch.nn.functional.normalize(p=2, eps=1e-12), as sentence-transformers' Normalize
       emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
