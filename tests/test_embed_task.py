@@ -153,3 +153,37 @@ def test_a_run_trains_and_its_files_match_its_metrics(tmp_path, cache_dir):
   assert len(rows) == 64 and len(rows[0]["top"]) == 10
   assert m["recall@1"] == pytest.approx(np.mean([r["top"][0] in r["relevant"] for r in rows]))
   assert 0.5 < m["recall@1"] <= m["recall@5"] <= m["recall@10"]
+
+
+def test_files_with_hard_negatives_and_one_line_errors(tmp_path, cache_dir):
+  """(query, positive, negative) rows from JSON lines: batches of 3 texts an example, a dev retrieval set whose
+  corpus holds the positives and the negatives; a user's mistakes are one-line errors before any model is built."""
+  from bertjax.errors import UserError
+  from bertjax.tasks.embed import EmbeddingTask
+  rows = [{"q": f"question {i} about topic {i % 5}", "pos": f"answer {i} on topic {i % 5}", "neg": f"unrelated {i}"}
+          for i in range(20)]
+  path = tmp_path / "qa.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  c = config(tmp_path, cache_dir, glue_task="", train_file=str(path), validation_file=str(path), text_field="q",
+             text_pair_field="pos", negative_field="neg")
+  task = EmbeddingTask(c, str(tmp_path / "wd"))
+  task.prepare()
+  assert task.kind == "ranking" and task.main_metric == "mrr@10"
+  b = task.train_source().batch(0)
+  assert b["text_slots"].shape == (8, 3) and len(np.unique(b["text_slots"])) == 24  # every text its own slot
+  dev = task.splits["dev"]
+  assert len(dev.queries) == 20 and len(dev.corpus) == 40  # 20 positives + 20 negatives
+  assert all(dev.texts[r[0]] == f"answer {i} on topic {i % 5}" for i, r in enumerate(dev.relevant))
+  for change, message in [(dict(text_pair_field="answer"), "no field 'answer'"),
+                          (dict(label_field="score"), "no field 'score'")]:
+    bad = config(tmp_path, cache_dir, glue_task="", train_file=str(path), text_field="q", text_pair_field="pos")
+    bad.data.update(change)
+    with pytest.raises(UserError, match=message):
+      EmbeddingTask(bad, str(tmp_path / "bad")).prepare()
+  bad = config(tmp_path, cache_dir, glue_task="", train_file=str(path), text_field="q", text_pair_field="pos")
+  bad.embedding.loss = "cosine"
+  with pytest.raises(UserError, match="needs a score per pair"):
+    EmbeddingTask(bad, str(tmp_path / "bad")).prepare()
+  bad.training.grad_accum_steps = 2
+  with pytest.raises(UserError, match="grad_accum_steps"):
+    EmbeddingTask(bad, str(tmp_path / "bad"))

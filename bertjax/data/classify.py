@@ -108,9 +108,9 @@ def read_file(path: str, fields: Fields, cache_dir: str, labelled: bool) -> Rows
   return _rows(ds, path, key, fields, labelled)
 
 
-def read_hub(name: str, split: str, fields: Fields, cache_dir: str, required: bool, labelled: bool) -> Rows | None:
-  """Split `split` of the hub dataset `name` (or `name:config`, or a local dataset folder); None if absent
-  and not `required`."""
+def hub_split(name: str, split: str, cache_dir: str, required: bool):
+  """Split `split` (a `datasets.Dataset`) of the hub dataset `name` (or `name:config`, or a local dataset folder);
+  None if absent and not `required`."""
   path, _, conf = name.partition(":")
   try:
     dd = datasets.load_dataset(path, conf or None, cache_dir=os.path.join(cache_dir, "datasets"))
@@ -122,7 +122,14 @@ def read_hub(name: str, split: str, fields: Fields, cache_dir: str, required: bo
     if required:
       raise UserError(f"data.dataset={name!r} has no split {split!r} (splits: {sorted(dd)}); set the split names")
     return None
-  ds = dd[split]
+  return dd[split]
+
+
+def read_hub(name: str, split: str, fields: Fields, cache_dir: str, required: bool, labelled: bool) -> Rows | None:
+  """`hub_split` as Rows."""
+  ds = hub_split(name, split, cache_dir, required)
+  if ds is None:
+    return None
   return _rows(ds, f"hub {name} split {split}", f"hub|{name}|{split}|{ds._fingerprint}", fields, labelled)
 
 

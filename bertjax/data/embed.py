@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from typing import Mapping, Sequence
 
-import datasets
 import numpy as np
 
 from bertjax.data import classify, glue, loader
@@ -163,20 +161,10 @@ def read_file(path: str, fields: Fields, cache_dir: str, retrieval: bool) -> Spl
 
 
 def read_hub(name: str, split: str, fields: Fields, cache_dir: str, train: bool) -> Split | None:
-  """Split `split` of the hub dataset `name` (or `name:config`, or a local dataset folder); the training split
-  must exist, a missing dev split is None. Dev splits without scores are retrieval sets."""
-  path, _, conf = name.partition(":")
-  try:
-    dd = datasets.load_dataset(path, conf or None, cache_dir=os.path.join(cache_dir, "datasets"))
-  except Exception as e:  # network, offline cache miss, unknown name
-    msg = " ".join(str(e).split())[:200] or type(e).__name__
-    raise UserError(f"could not load data.dataset={name!r} ({msg}); check the name or use local files "
-                    "(data.train_file, ...)") from None
-  if split not in dd:
-    if train:
-      raise UserError(f"data.dataset={name!r} has no split {split!r} (splits: {sorted(dd)}); set data.train_split")
-    return None
-  return read_rows(dd[split], f"hub {name} split {split}", fields, retrieval=not train)
+  """Split `split` of the hub dataset `name`; the training split must exist, a missing dev split is None. Dev
+  splits without scores are retrieval sets."""
+  ds = classify.hub_split(name, split, cache_dir, train)
+  return None if ds is None else read_rows(ds, f"hub {name} split {split}", fields, retrieval=not train)
 
 
 # -- tokens and packing -------------------------------------------------------------------------------------
