@@ -54,6 +54,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bertjax import logs
 from bertjax.deploy.cli import Parser, prog, run_cli
 from bertjax.deploy.loading import load
 from bertjax.deploy.predictor import EMBEDDING_HEAD
@@ -409,15 +410,21 @@ class Service:
     r.headers["WWW-Authenticate"] = 'Bearer realm="bertjax"'
     return r
 
-  def app(self, load_in_background: bool) -> Starlette:
+  def app(self, load: str = "no") -> Starlette:
+    """`load`: "no" (the predictor was given), "background" (serve at once: /health/live answers, /predict 503s
+    until the model is ready) or "first" (load, then start taking connections: a worker of several, so that one
+    still loading, or restarted after a crash, leaves the shared socket's connections to the ready workers
+    instead of answering them 503)."""
     routes = ["/health/live", "/health/ready", "/health", "/metrics", "/predict", "/embed"]
     handlers = [self.live, self.ready, self.health, self.metrics, self.predict, self.embed]
     methods = [["GET"], ["GET"], ["GET"], ["GET"], ["POST"], ["POST"]]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-      if load_in_background:
+      if load == "background":
         threading.Thread(target=self.load, name="bertjax-load", daemon=True).start()
+      elif load == "first":
+        await asyncio.to_thread(self.load)
       yield
       self.close()
 
@@ -439,9 +446,28 @@ class Service:
 def app_from_env() -> Starlette:
   """The app of one worker process of `python -m bertjax.serve --workers=N` (settings from $BERTJAX_SERVE_SETTINGS;
   uvicorn imports this by name in each worker)."""
+  # logging as in the parent (run_cli): each worker logs its readiness, a load failure and its drain report
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # (an import configured it already)
+  logs.quiet_libraries()
+  log.setLevel(logging.INFO)
+  _forget_dead_workers(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
   raw = json.loads(os.environ[SETTINGS_ENV])
   settings = Settings(**{**raw, "api_keys": tuple(raw.get("api_keys", ()))})
-  return Service(settings).app(load_in_background=True)
+  return Service(settings).app(load="first")
+
+
+def _forget_dead_workers(folder: str) -> None:
+  """Drop the live gauges (ready, queue depth) of worker processes that died (uvicorn replaces a crashed worker; its
+  files would keep counting it as ready)."""
+  pids = {int(m.group(1)) for f in (os.listdir(folder) if folder else ())
+          if (m := re.fullmatch(r"gauge_live\w+_(\d+)\.db", f))}
+  for pid in pids:
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      multiprocess.mark_process_dead(pid, folder)
+    except PermissionError:
+      pass
 
 
 # -- in-process server (tests, benchmarks, notebooks) ---------------------------------------------------------------
@@ -496,7 +522,7 @@ def make_server(predictor: Any, host: str = "127.0.0.1", port: int = 8080, max_b
   `port=0` picks a free one)."""
   settings = Settings(str(predictor.source), max_batch_size, max_wait_ms, max_request_bytes, max_texts, max_chars,
                       False, tuple(api_keys), log_requests)
-  return BackgroundServer(Service(settings, predictor).app(load_in_background=False), host, port)
+  return BackgroundServer(Service(settings, predictor).app(load="no"), host, port)
 
 
 # -- the command ----------------------------------------------------------------------------------------------------
@@ -548,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   API_KEYS_ENV)
     if a.workers == 1:
       try:
-        server = BackgroundServer(Service(settings).app(load_in_background=True), a.host, a.port, a.drain_seconds)
+        server = BackgroundServer(Service(settings).app(load="background"), a.host, a.port, a.drain_seconds)
       except OSError as e:
         raise UserError(f"cannot listen on {a.host}:{a.port} ({e.strerror}); pick another --port") from None
       _announce(a, server.server_address[1])
