@@ -99,9 +99,18 @@ class Batcher:
     self.thread.start()
 
   def submit(self, texts: list[str], pairs: list[str] | None) -> Future:
-    """A future of the texts' predictions."""
+    """A future of the texts' predictions (for threads: `.result()` blocks)."""
     fut: Future = Future()
-    self.queue.put((texts, pairs, fut))
+    self.queue.put((texts, pairs, fut, None))
+    return fut
+
+  def submit_async(self, texts: list[str], pairs: list[str] | None) -> asyncio.Future:
+    """An asyncio future of the texts' predictions, on the running loop. The batcher settles all of one batch's
+    futures of a loop with one `call_soon_threadsafe` (one loop wake-up a batch, not one a request, and no
+    `wrap_future` hop)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    self.queue.put((texts, pairs, fut, loop))
     return fut
 
   def depth(self) -> int:
@@ -140,14 +149,35 @@ class Batcher:
       preds = self.predictor(texts, pairs)
       self.batches += 1
       self.on_batch(len(texts))
+      outcomes, start = [], 0
+      for texts_j, *_ in jobs:
+        outcomes.append((preds[start:start + len(texts_j)], None))
+        start += len(texts_j)
     except Exception as e:  # noqa: BLE001 - every waiting request gets the failure
-      for j in jobs:
-        j[2].set_exception(e)
-      return
-    start = 0
-    for texts_j, _, fut in jobs:
-      fut.set_result(preds[start:start + len(texts_j)])
-      start += len(texts_j)
+      outcomes = [(None, e)] * len(jobs)
+    by_loop: dict[Any, list] = {}
+    for (_, _, fut, loop), outcome in zip(jobs, outcomes):
+      if loop is None:
+        if outcome[1] is None:
+          fut.set_result(outcome[0])
+        else:
+          fut.set_exception(outcome[1])
+      else:
+        by_loop.setdefault(loop, []).append((fut, outcome))
+    for loop, settled in by_loop.items():
+      with contextlib.suppress(RuntimeError):  # the loop closed (the server stopped): nobody waits
+        loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list) -> None:
+  """On the loop: each future's result or exception (a request whose client went away was cancelled: skipped)."""
+  for fut, (result, error) in settled:
+    if fut.done():
+      continue
+    if error is None:
+      fut.set_result(result)
+    else:
+      fut.set_exception(error)
 
 
 def parse_request(body: bytes, head: str, max_texts: int, max_chars: int) -> tuple[list[str], list[str] | None]:
@@ -376,7 +406,7 @@ class Service:
       texts, pairs = parse_request(await request.body(), head, s.max_texts, s.max_chars)
       self.prom.queue.inc()
       try:
-        preds = await asyncio.wrap_future(self.batcher.submit(texts, pairs))
+        preds = await self.batcher.submit_async(texts, pairs)
       finally:
         self.prom.queue.dec()
     except BadRequest as e:
