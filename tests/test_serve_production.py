@@ -253,4 +253,6 @@ def test_a_restarted_worker_takes_no_requests_until_its_model_is_ready(tmp_path)
     assert proc.wait(timeout=120) == 0
   finally:
     if proc.poll() is None:
+      for pid in _workers(proc.pid):  # a killed parent would leave its workers running
+        os.kill(pid, signal.SIGKILL)
       proc.kill()

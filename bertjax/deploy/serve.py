@@ -4,7 +4,8 @@ An ASGI app (Starlette) under uvicorn. Request handlers hand their texts to one 
 which gathers what arrives within `--max_wait_ms` (up to `--max_batch_size` texts) into one forward pass, so
 concurrent requests share batches.
 
-  GET  /health/live   -> 200 {"status": "live"} while the process serves HTTP
+  GET  /health/live   -> 200 {"status": "live"} while the process serves HTTP (with --workers N a worker takes
+                         connections only once its model is loaded: a restarted one leaves them to the others)
   GET  /health/ready  -> 200 {"status": "ready", "head", "model"} once the model is loaded and warmed up, else 503
   GET  /health        -> /health/ready's answer with status "ok" (the first version's route)
   GET  /metrics       -> Prometheus text: requests by route and status, latency, batch sizes, queue depth,
