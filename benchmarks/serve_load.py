@@ -78,7 +78,8 @@ def run_server(a, workers: int, texts: list[str]) -> dict:
       time.sleep(1)
   local = threading.local()
 
-  def post(text: str) -> tuple[int, float]:
+  def post(text: str) -> tuple[int | str, float]:
+    """(HTTP status, or the client-side exception's name; seconds)."""
     if not hasattr(local, "conn"):
       local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     t = time.perf_counter()
@@ -87,10 +88,11 @@ def run_server(a, workers: int, texts: list[str]) -> dict:
                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
       r = local.conn.getresponse()
       r.read()
-      status = r.status
-    except OSError:
+      status: int | str = r.status
+    except (OSError, http.client.HTTPException) as e:
+      local.conn.close()
       local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-      status = -1
+      status = type(e).__name__
     return status, time.perf_counter() - t
 
   results = {}
@@ -118,6 +120,9 @@ def run_server(a, workers: int, texts: list[str]) -> dict:
                     "p50_ms": round(float(np.percentile(lat, 50)), 1),
                     "p99_ms": round(float(np.percentile(lat, 99)), 1),
                     "errors": sum(s != 200 for s, _ in out)}
+      if results[c]["errors"]:  # which: an HTTP status from the server, or an exception on the client's side
+        kinds = [str(s) for s, _ in out if s != 200]
+        results[c]["error_kinds"] = {k: kinds.count(k) for k in sorted(set(kinds))}
       if after is not None:
         results[c]["metrics_counted"] = int(after - before)
         results[c]["scrapes_during"] = len([x for x in scraped_during if x is not None])

@@ -192,3 +192,67 @@ def test_sigterm_drains_requests_in_flight_and_two_workers_share_metrics(tmp_pat
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def _workers(pid: int) -> list[int]:
+  """The uvicorn worker processes (multiprocessing spawn children, not its resource tracker) of `pid`."""
+  found = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        cmd = f.read()
+    except (OSError, ValueError):
+      continue
+    if ppid == pid and b"spawn_main" in cmd:
+      found.append(int(entry))
+  return found
+
+
+def test_a_restarted_worker_takes_no_requests_until_its_model_is_ready(tmp_path):
+  """Two workers; one dies (SIGKILL, as the kernel's OOM killer does) and uvicorn starts another, which loads its
+  own model. Meanwhile every request goes to the ready worker and gets 200: the new worker accepts connections on
+  the shared socket only once it is ready (it used to take them at once and answer 503 while loading, so most
+  requests of a load test failed), and /metrics counts exactly the live workers as ready."""
+  wd, _ = make_checkpoint(tmp_path / "wd", "sequence_classification", ["neg", "pos"], data={"max_seq_length": 40})
+  port = _free_port()
+  proc = _start(wd, "--workers=2", "--max_batch_size=8", "--no-warmup", port=port)
+  lines: list[str] = []
+  threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+  readied = lambda: sum(line.startswith("ready: ") for line in lines)  # each worker logs one once loaded
+  try:
+    t0 = time.time()
+    while readied() < 2:
+      assert proc.poll() is None and time.time() - t0 < 180, "".join(lines)[-3000:]
+      time.sleep(0.2)
+    first = _workers(proc.pid)
+    assert len(first) == 2, first
+    os.kill(first[0], signal.SIGKILL)
+    statuses, stop = [], threading.Event()
+
+    def client(i):
+      while not stop.is_set():
+        statuses.append(_request(port, body=json.dumps({"text": TEXTS[i % 6]}).encode(), key="secret-1",
+                                 timeout=60)[0])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+      t.start()
+    t0 = time.time()
+    while readied() < 3 and time.time() - t0 < 180:  # until the replacement has loaded its model
+      time.sleep(0.2)
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+      t.join(60)
+    assert readied() == 3 and len(_workers(proc.pid)) == 2, "".join(lines)[-3000:]
+    assert len(statuses) > 10 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert _metric(_request(port, "/metrics", key="secret-1")[1].decode(), "bertjax_ready") == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+  finally:
+    if proc.poll() is None:
+      for pid in _workers(proc.pid):  # a killed parent would leave its workers running
+        os.kill(pid, signal.SIGKILL)
+      proc.kill()

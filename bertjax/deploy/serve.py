@@ -4,7 +4,8 @@ An ASGI app (Starlette) under uvicorn. Request handlers hand their texts to one 
 which gathers what arrives within `--max_wait_ms` (up to `--max_batch_size` texts) into one forward pass, so
 concurrent requests share batches.
 
-  GET  /health/live   -> 200 {"status": "live"} while the process serves HTTP
+  GET  /health/live   -> 200 {"status": "live"} while the process serves HTTP (with --workers N a worker takes
+                         connections only once its model is loaded: a restarted one leaves them to the others)
   GET  /health/ready  -> 200 {"status": "ready", "head", "model"} once the model is loaded and warmed up, else 503
   GET  /health        -> /health/ready's answer with status "ok" (the first version's route)
   GET  /metrics       -> Prometheus text: requests by route and status, latency, batch sizes, queue depth,
@@ -54,6 +55,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bertjax import logs
 from bertjax.deploy.cli import Parser, prog, run_cli
 from bertjax.deploy.loading import load
 from bertjax.deploy.predictor import EMBEDDING_HEAD
@@ -98,9 +100,18 @@ class Batcher:
     self.thread.start()
 
   def submit(self, texts: list[str], pairs: list[str] | None) -> Future:
-    """A future of the texts' predictions."""
+    """A future of the texts' predictions (for threads: `.result()` blocks)."""
     fut: Future = Future()
-    self.queue.put((texts, pairs, fut))
+    self.queue.put((texts, pairs, fut, None))
+    return fut
+
+  def submit_async(self, texts: list[str], pairs: list[str] | None) -> asyncio.Future:
+    """An asyncio future of the texts' predictions, on the running loop. The batcher settles all of one batch's
+    futures of a loop with one `call_soon_threadsafe` (one loop wake-up a batch, not one a request, and no
+    `wrap_future` hop)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    self.queue.put((texts, pairs, fut, loop))
     return fut
 
   def depth(self) -> int:
@@ -139,14 +150,35 @@ class Batcher:
       preds = self.predictor(texts, pairs)
       self.batches += 1
       self.on_batch(len(texts))
+      outcomes, start = [], 0
+      for texts_j, *_ in jobs:
+        outcomes.append((preds[start:start + len(texts_j)], None))
+        start += len(texts_j)
     except Exception as e:  # noqa: BLE001 - every waiting request gets the failure
-      for j in jobs:
-        j[2].set_exception(e)
-      return
-    start = 0
-    for texts_j, _, fut in jobs:
-      fut.set_result(preds[start:start + len(texts_j)])
-      start += len(texts_j)
+      outcomes = [(None, e)] * len(jobs)
+    by_loop: dict[Any, list] = {}
+    for (_, _, fut, loop), outcome in zip(jobs, outcomes):
+      if loop is None:
+        if outcome[1] is None:
+          fut.set_result(outcome[0])
+        else:
+          fut.set_exception(outcome[1])
+      else:
+        by_loop.setdefault(loop, []).append((fut, outcome))
+    for loop, settled in by_loop.items():
+      with contextlib.suppress(RuntimeError):  # the loop closed (the server stopped): nobody waits
+        loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list) -> None:
+  """On the loop: each future's result or exception (a request whose client went away was cancelled: skipped)."""
+  for fut, (result, error) in settled:
+    if fut.done():
+      continue
+    if error is None:
+      fut.set_result(result)
+    else:
+      fut.set_exception(error)
 
 
 def parse_request(body: bytes, head: str, max_texts: int, max_chars: int) -> tuple[list[str], list[str] | None]:
@@ -375,7 +407,7 @@ class Service:
       texts, pairs = parse_request(await request.body(), head, s.max_texts, s.max_chars)
       self.prom.queue.inc()
       try:
-        preds = await asyncio.wrap_future(self.batcher.submit(texts, pairs))
+        preds = await self.batcher.submit_async(texts, pairs)
       finally:
         self.prom.queue.dec()
     except BadRequest as e:
@@ -409,15 +441,21 @@ class Service:
     r.headers["WWW-Authenticate"] = 'Bearer realm="bertjax"'
     return r
 
-  def app(self, load_in_background: bool) -> Starlette:
+  def app(self, load: str = "no") -> Starlette:
+    """`load`: "no" (the predictor was given), "background" (serve at once: /health/live answers, /predict 503s
+    until the model is ready) or "first" (load, then start taking connections: a worker of several, so that one
+    still loading, or restarted after a crash, leaves the shared socket's connections to the ready workers
+    instead of answering them 503)."""
     routes = ["/health/live", "/health/ready", "/health", "/metrics", "/predict", "/embed"]
     handlers = [self.live, self.ready, self.health, self.metrics, self.predict, self.embed]
     methods = [["GET"], ["GET"], ["GET"], ["GET"], ["POST"], ["POST"]]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-      if load_in_background:
+      if load == "background":
         threading.Thread(target=self.load, name="bertjax-load", daemon=True).start()
+      elif load == "first":
+        await asyncio.to_thread(self.load)
       yield
       self.close()
 
@@ -439,9 +477,28 @@ class Service:
 def app_from_env() -> Starlette:
   """The app of one worker process of `python -m bertjax.serve --workers=N` (settings from $BERTJAX_SERVE_SETTINGS;
   uvicorn imports this by name in each worker)."""
+  # logging as in the parent (run_cli): each worker logs its readiness, a load failure and its drain report
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # (an import configured it already)
+  logs.quiet_libraries()
+  log.setLevel(logging.INFO)
+  _forget_dead_workers(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
   raw = json.loads(os.environ[SETTINGS_ENV])
   settings = Settings(**{**raw, "api_keys": tuple(raw.get("api_keys", ()))})
-  return Service(settings).app(load_in_background=True)
+  return Service(settings).app(load="first")
+
+
+def _forget_dead_workers(folder: str) -> None:
+  """Drop the live gauges (ready, queue depth) of worker processes that died (uvicorn replaces a crashed worker; its
+  files would keep counting it as ready)."""
+  pids = {int(m.group(1)) for f in (os.listdir(folder) if folder else ())
+          if (m := re.fullmatch(r"gauge_live\w+_(\d+)\.db", f))}
+  for pid in pids:
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      multiprocess.mark_process_dead(pid, folder)
+    except PermissionError:
+      pass
 
 
 # -- in-process server (tests, benchmarks, notebooks) ---------------------------------------------------------------
@@ -496,7 +553,7 @@ def make_server(predictor: Any, host: str = "127.0.0.1", port: int = 8080, max_b
   `port=0` picks a free one)."""
   settings = Settings(str(predictor.source), max_batch_size, max_wait_ms, max_request_bytes, max_texts, max_chars,
                       False, tuple(api_keys), log_requests)
-  return BackgroundServer(Service(settings, predictor).app(load_in_background=False), host, port)
+  return BackgroundServer(Service(settings, predictor).app(load="no"), host, port)
 
 
 # -- the command ----------------------------------------------------------------------------------------------------
@@ -548,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   API_KEYS_ENV)
     if a.workers == 1:
       try:
-        server = BackgroundServer(Service(settings).app(load_in_background=True), a.host, a.port, a.drain_seconds)
+        server = BackgroundServer(Service(settings).app(load="background"), a.host, a.port, a.drain_seconds)
       except OSError as e:
         raise UserError(f"cannot listen on {a.host}:{a.port} ({e.strerror}); pick another --port") from None
       _announce(a, server.server_address[1])
