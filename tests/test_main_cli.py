@@ -51,7 +51,7 @@ def test_help_exits_0_and_points_to_the_field_list(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.startswith("usage: python -m bertjax.main --config=<name or file>")
   assert "docs/configuration.md" in r.stdout and "bertjax/config.py" in r.stdout and "--print_config" in r.stdout
-  assert "classify, glue, mlm, ner, squad" in r.stdout
+  assert "classify, dapt, embed, glue, mlm, ner, squad" in r.stdout
 
 
 @pytest.mark.parametrize("config,field,home", [
@@ -68,7 +68,7 @@ def test_unknown_field_names_where_its_family_lives(tmp_path, config, field, hom
 
 def test_unknown_config_name_lists_the_known_ones(tmp_path):
   r = _run(tmp_path, "--config=mlmm")
-  assert r.returncode == 2 and "config name (classify, glue, mlm, ner, squad)" in r.stderr, r.stderr[-2000:]
+  assert r.returncode == 2 and "config name (classify, dapt, embed, glue, mlm, ner, squad)" in r.stderr, r.stderr[-2000:]
 
 
 def test_the_wheel_ships_every_config_as_bertjax_configs(tmp_path):

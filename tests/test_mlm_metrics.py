@@ -1,8 +1,11 @@
 """Honest MLM metrics: what the masker did at each chosen position, per-kind accuracy/loss, and the baselines."""
 
+import types
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from bertjax.data import pretraining as pt, tokenizer as toklib
 from bertjax.tasks.pretraining import PretrainingTask, mlm_baselines
@@ -73,7 +76,8 @@ def test_loss_fn_reports_each_kind():
            "masked_weights": jnp.array([[1, 1, 1], [1, 1, 0]], jnp.float32),
            "nsp_labels": jnp.array([0, 1]), "nsp_weights": jnp.array([1, 1], jnp.float32)}
   model = lambda *a, **k: (jnp.asarray(logits), jnp.array([[1.0, 0.0], [1.0, 0.0]]))  # noqa: E731
-  _, m = PretrainingTask.loss_fn(None, model, batch, None, True)
+  task = types.SimpleNamespace(config=ConfigDict({"data": {}}))  # loss_fn reads only data.nsp_loss_weight
+  _, m = PretrainingTask.loss_fn(task, model, batch, None, True)
   ratio = {k: float(t) / float(c) for k, (t, c) in m.items() if float(c) > 0}
   # [MASK]: (label 0, argmax 0) right, (label 2, argmax 1) wrong; random: (label 1, uniform row -> argmax 0)
   # wrong; kept: (label 2, argmax 2) and (label 3, argmax 3) right; the weight-0 slot does not count.

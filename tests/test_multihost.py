@@ -81,15 +81,20 @@ def train_losses(workdir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory) -> str:
-  """A tiny random BertForPreTraining saved by transformers (safetensors; no tokenizer: the run trains one)."""
+def hf_folder(tmp_path_factory, cache_dir) -> str:
+  """A tiny random BertForPreTraining saved by transformers (safetensors) with a 1,000-token WordPiece vocabulary
+  beside it (a run from a checkpoint keeps the checkpoint's vocabulary; it never trains one)."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
+  from bertjax.data import corpus, tokenizer
   torch.manual_seed(0)
   cfg = transformers.BertConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=128, max_position_embeddings=64)
   folder = tmp_path_factory.mktemp("tiny_hf")
   transformers.BertForPreTraining(cfg).save_pretrained(str(folder))
+  docs = corpus.load_documents("bbc_news", cache_dir)
+  tokenizer.save(tokenizer.train((docs[i]["text"] for i in range(0, 2225, 11)), 1000), str(folder),
+                 model_max_length=64)
   return str(folder)
 
 
