@@ -38,7 +38,7 @@ def test_registered_task_implements_the_protocol(key):
 def test_which_tasks_predict():
   """Pretraining evaluates by averaging loss_fn's metrics; the fine-tuning tasks through their predictions."""
   assert {k: tasks.get(k).predicts for k in tasks.TASKS} == {
-      "pretraining": False, "glue": True, "ner": True, "squad": True, "classification": True}
+      "pretraining": False, "glue": True, "ner": True, "squad": True, "classification": True, "embedding": True}
 
 
 def test_a_missing_member_is_refused():
