@@ -32,6 +32,7 @@ from bertjax.deploy.loading import load as load_predictor
 from bertjax.deploy.predictor import (EMBEDDING_HEAD, Predictor, output_file, pick_field, progress_bar, read_input,
                                       write_rows)
 from bertjax.errors import UserError
+from bertjax.tasks import metrics
 
 __all__ = ["Index", "check_predictor", "main", "normalized", "parser"]
 EMBEDDINGS_FILE, TEXTS_FILE, META_FILE = "embeddings.npy", "texts.jsonl", "index.json"
@@ -132,22 +133,7 @@ class Index:
     q = np.asarray(queries, np.float32)
     if q.ndim != 2 or q.shape[1] != self.dim:
       raise UserError(f"query embeddings of shape {list(q.shape)}; this index wants [n, {self.dim}]")
-    q, n = normalized(q), len(self)
-    k = min(k, n)
-    scores, rows = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
-    for qs in range(0, len(q), QUERY_BLOCK):
-      block = q[qs:qs + QUERY_BLOCK]
-      best_s, best_r = np.empty((len(block), 0), np.float32), np.empty((len(block), 0), np.int64)
-      for cs in range(0, n, CORPUS_BLOCK):
-        sim = block @ np.asarray(self.embeddings[cs:cs + CORPUS_BLOCK]).T
-        kk = min(k, sim.shape[1])
-        part = np.argpartition(sim, sim.shape[1] - kk, axis=1)[:, -kk:]  # the kk largest, unordered
-        cand_s = np.concatenate([best_s, np.take_along_axis(sim, part, 1)], 1)
-        cand_r = np.concatenate([best_r, part + cs], 1)
-        order = np.lexsort((cand_r, -cand_s), axis=-1)[:, :k]
-        best_s, best_r = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_r, order, 1)
-      scores[qs:qs + len(block)], rows[qs:qs + len(block)] = best_s, best_r
-    return scores, rows
+    return metrics.top_k(normalized(q), self.embeddings, k, QUERY_BLOCK, CORPUS_BLOCK)
 
   def search(self, queries: Sequence[str] | np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
     """The best `k` texts for each query (texts, embedded with the index's model, or embeddings [Q, D]):

@@ -140,11 +140,15 @@ class EmbeddingTask(Task):
     self.main_metric = self._main_metric()
 
   def _main_metric(self) -> str:
+    """`training.main_metric`, else spearman (scored dev pairs) / mrr@10 (a retrieval dev set); '' without dev."""
     dev = self.splits.get("dev")
-    choice = self.config.training.get("main_metric") or ""
-    options = (["spearman", "pearson"] if dev is not None and dev.scores is not None else
-               [f"recall@{k}" for k in RETRIEVAL_KS] + ["mrr@10"] if dev is not None else [])
-    main = choice or (options[0] if options and options[0] == "spearman" else "mrr@10" if options else "")
+    if dev is None:
+      options = []
+    elif dev.scores is not None:
+      options = ["spearman", "pearson"]
+    else:
+      options = ["mrr@10"] + [f"recall@{k}" for k in RETRIEVAL_KS]
+    main = self.config.training.get("main_metric") or (options[0] if options else "")
     if main and main not in options:
       raise UserError(f"training.main_metric={main!r} is not reported for this dev data; choose one of {options}")
     return main

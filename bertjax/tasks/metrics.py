@@ -57,24 +57,38 @@ def spearman(preds: Any, labels: Any) -> float:
   return _corr(scipy.stats.spearmanr, preds, labels)
 
 
+def top_k(queries: np.ndarray, corpus: np.ndarray, k: int, query_block: int = 256,
+          corpus_block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+  """Exact search by dot product (cosine for unit vectors): (scores, corpus rows), each [Q, min(k, C)], best first
+  (ties: lower row first), for `queries` [Q, D] over `corpus` [C, D]. Blocks of `query_block` queries against
+  `corpus_block` rows keep memory bounded; `corpus` may be a memmap, read block by block."""
+  n = len(corpus)
+  k = min(k, n)
+  scores, rows = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
+  for qs in range(0, len(queries), query_block):
+    block = queries[qs:qs + query_block]
+    best_s, best_r = np.empty((len(block), 0), np.float32), np.empty((len(block), 0), np.int64)
+    for cs in range(0, n, corpus_block):
+      sim = block @ np.asarray(corpus[cs:cs + corpus_block]).T
+      kk = min(k, sim.shape[1])
+      part = np.argpartition(sim, sim.shape[1] - kk, axis=1)[:, -kk:]  # the kk largest, unordered
+      cand_s = np.concatenate([best_s, np.take_along_axis(sim, part, 1)], 1)
+      cand_r = np.concatenate([best_r, part + cs], 1)
+      order = np.lexsort((cand_r, -cand_s), axis=-1)[:, :k]
+      best_s, best_r = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_r, order, 1)
+    scores[qs:qs + len(block)], rows[qs:qs + len(block)] = best_s, best_r
+  return scores, rows
+
+
 def retrieval(queries: np.ndarray, corpus: np.ndarray, relevant: Sequence[Sequence[int]],
-              ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, Any]:
-  """Exact search by dot product (cosine for unit vectors) of `queries` [Q, D] over `corpus` [C, D]; `relevant[q]`:
-  the corpus rows relevant to query q. -> recall@k (the fraction of each query's relevant rows in its top k,
-  averaged over queries), mrr@10 (1 / rank of the first relevant row within the top 10, else 0) and `top`
-  [Q, max(ks, 10)] (row indices, best first). Queries go `chunk` at a time, so memory stays [chunk, C]."""
-  depth = min(max(*ks, 10), len(corpus))
-  top = np.zeros((len(queries), depth), np.int64)
-  for i in range(0, len(queries), chunk):
-    s = queries[i:i + chunk] @ corpus.T
-    part = np.argpartition(-s, depth - 1, axis=1)[:, :depth]
-    order = np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable")
-    top[i:i + chunk] = np.take_along_axis(part, order, 1)
-  out: dict[str, Any] = {}
-  hits = np.array([[t in set(np.asarray(r).tolist()) for t in row] for row, r in zip(top, relevant)], bool)
+              ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+  """`top_k` of `queries` [Q, D] over `corpus` [C, D]; `relevant[q]`: the corpus rows relevant to query q. ->
+  recall@k (the fraction of each query's relevant rows in its top k, averaged over queries), mrr@10 (1 / rank of
+  the first relevant row within the top 10, else 0) and `top` [Q, max(ks, 10)] (row indices, best first)."""
+  _, top = top_k(queries, corpus, max(*ks, 10))
+  hits = np.array([np.isin(row, np.asarray(r)) for row, r in zip(top, relevant)], bool).reshape(top.shape)
   n_rel = np.array([max(len(r), 1) for r in relevant], np.float64)
-  for k in ks:
-    out[f"recall@{k}"] = float(np.mean(hits[:, :k].sum(1) / n_rel))
+  out: dict[str, Any] = {f"recall@{k}": float(np.mean(hits[:, :k].sum(1) / n_rel)) for k in ks}
   first = np.where(hits[:, :10].any(1), hits[:, :10].argmax(1) + 1, 0)
   out["mrr@10"] = float(np.mean(np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0)))
   out["top"] = top
